@@ -47,6 +47,8 @@ class MMDiTParams:
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"axes_dim {tuple(self.axes_dim)} must sum to head_dim {self.head_dim}")
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        if self.variant == "chroma":  # Chroma always feeds a guidance slot to its approximator (as 0)
+            object.__setattr__(self, "guidance_embed", True)
 
     @property
     def head_dim(self) -> int:
@@ -76,14 +78,18 @@ _FULL = dict(in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3
              depth_single_blocks=38, axes_dim=(16, 56, 56))
 
 PRESETS: dict[str, MMDiTParams] = {
-    "chroma": MMDiTParams(variant="chroma", guidance_embed=True, **_FULL),
+    "chroma": MMDiTParams(variant="chroma", **_FULL),
     "flux-dev": MMDiTParams(variant="flux", guidance_embed=True, **_FULL),
     "flux-schnell": MMDiTParams(variant="flux", guidance_embed=False, **_FULL),
+    # the built-in model (trained here on the procedural shapes world)
+    "default": MMDiTParams(variant="chroma", context_in_dim=256, hidden_size=256, num_heads=4, depth=2,
+                           depth_single_blocks=4, axes_dim=(8, 28, 28), approximator_hidden=256,
+                           approximator_depth=2),
     # small configs for tests: every code path, seconds on a CPU
     "tiny": MMDiTParams(variant="chroma", context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
-                        depth_single_blocks=2, axes_dim=(8, 12, 12), approximator_hidden=96, approximator_depth=2),
+                        depth_single_blocks=2, axes_dim=(4, 14, 14), approximator_hidden=96, approximator_depth=2),
     "tiny-flux": MMDiTParams(variant="flux", guidance_embed=True, context_in_dim=32, hidden_size=64, num_heads=2,
-                             depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12), vec_in_dim=24),
+                             depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14), vec_in_dim=24),
 }
 
 
@@ -120,7 +126,7 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of q or k (B, H, L, D) in float32."""
     pairs = x.float().unflatten(-1, (-1, 1, 2))  # (B, H, L, D/2, 1, 2)
     out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-    return out.flatten(-3).type_as(x)
+    return out.reshape(x.shape).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | None) -> Tensor:

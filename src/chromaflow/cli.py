@@ -1,0 +1,111 @@
+"""`chromaflow` command line: generate images, inspect checkpoints and presets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _multiple_of_16(text: str) -> int:
+    value = int(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="chromaflow", description="Chroma-family text-to-image: generate, inspect.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image", description="Generate images from a prompt. Unset options "
+                       "take the model's defaults (the built-in model: 256x256, 20 steps).")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="PNG path (default out.png); a batch writes NAME-1.png, NAME-2.png, ... after the first")
+    g.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+    g.add_argument("--width", type=_multiple_of_16, help="pixels, multiple of 16")
+    g.add_argument("--height", type=_multiple_of_16, help="pixels, multiple of 16")
+    g.add_argument("--steps", type=_positive, help="sampling steps")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables the negative pass")
+    g.add_argument("--seed", type=int, help="image i uses seed + i (default: random)")
+    g.add_argument("--batch", type=_positive, default=1, help="number of images")
+    g.add_argument("--sampler", help="sampler name (default euler)")
+    g.add_argument("--scheduler", help="schedule name (default simple)")
+    g.add_argument("--shift", type=float, help="fixed timestep shift; default: Flux's resolution-dependent shift")
+    g.add_argument("--model", default="default", help="built-in name (default, tiny) or a model folder / file path")
+    g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
+    g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="describe a checkpoint or a preset",
+                       description="Layout, architecture, parameter count, dtypes and metadata of a checkpoint.")
+    i.add_argument("path", nargs="?", help="safetensors file, sharded index, or model folder")
+    i.add_argument("--preset", help="describe a preset instead (built on the meta device, no memory)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def cmd_generate(args) -> int:
+    from .pipeline.loading import load
+    from .formats.png import save_png
+
+    pipe = load(args.model, text_encoder=args.text_encoder, vae=args.vae)
+    result = pipe(args.prompt, negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
+                  cfg=args.cfg, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
+                  scheduler=args.scheduler, shift=args.shift, progress=not args.quiet)
+    out = Path(args.output)
+    for n, image in enumerate(result.images):
+        path = out if n == 0 else out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}")
+        save_png(image, path, result.settings, index=n)
+        print(path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    if args.preset:
+        from .models.transformer import build, count_parameters, preset
+        params = preset(args.preset)
+        model = build(params, device="meta")
+        report = {"preset": args.preset, "architecture": params.variant, "parameters": count_parameters(model),
+                  "tensors": len(model.state_dict()), "params": params.to_dict()}
+    elif args.path:
+        from .formats.inspect import describe
+        report = describe(args.path)
+    else:
+        raise ValueError("give a checkpoint path or --preset NAME")
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for key, value in report.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+            elif isinstance(value, int):
+                value = f"{value:,}"
+            print(f"{key:>13}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"chromaflow {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chromaflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""PNG outputs with generation metadata: an A1111-style `parameters` chunk and a JSON `chromaflow` chunk.
+
+The `parameters` text is what A1111/Forge, Civitai and image browsers parse; the JSON chunk holds every
+setting exactly, so an image can be regenerated from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# our setting name -> A1111 infotext key, in A1111's key order
+_INFOTEXT_KEYS = [("steps", "Steps"), ("sampler", "Sampler"), ("scheduler", "Schedule type"), ("cfg", "CFG scale"),
+                  ("seed", "Seed"), ("size", "Size"), ("model_hash", "Model hash"), ("model", "Model"),
+                  ("shift", "Shift"), ("version", "Version")]
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def infotext(settings: dict, index: int = 0) -> str:
+    """A1111 `parameters` text for image `index` of a batch (its seed is seed + index)."""
+    s = dict(settings, size=f"{settings['width']}x{settings['height']}", seed=settings["seed"] + index)
+    s["sampler"] = str(s["sampler"]).replace("_", " ").title()
+    s["scheduler"] = str(s["scheduler"]).title()
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {_quote(s[name])}" for name, key in _INFOTEXT_KEYS if s.get(name) not in (None, "")))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, settings: dict | None = None, index: int = 0,
+             extra_text: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if settings is not None:
+        info.add_text("parameters", infotext(settings, index))
+        info.add_text("chromaflow", json.dumps(dict(settings, seed=settings["seed"] + index), ensure_ascii=False))
+    for key, value in (extra_text or {}).items():
+        info.add_text(key, value)
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png_settings(path: str | Path) -> dict:
+    """The JSON settings chunk of a PNG we wrote (empty dict if absent)."""
+    with Image.open(path) as im:
+        raw = im.text.get("chromaflow") if hasattr(im, "text") else None
+    return json.loads(raw) if raw else {}

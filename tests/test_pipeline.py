@@ -1,0 +1,89 @@
+"""The text-to-image pipeline on the tiny random model: reproducibility, batching, CFG, callbacks, caching."""
+
+import numpy as np
+import pytest
+import torch
+
+import chromaflow
+from chromaflow.pipeline.loading import random_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipeline("tiny")
+
+
+def pixels(image):
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def test_same_seed_same_image_and_batch_rows_equal_single_images(pipe):
+    a = pipe("a red circle", seed=7, batch_size=3, progress=False)
+    b = pipe("a red circle", seed=7, batch_size=3, progress=False)
+    assert all(pixels(x).equal(pixels(y)) for x, y in zip(a.images, b.images))
+    alone = pipe("a red circle", seed=8, progress=False)  # image 1 of the batch uses seed 7 + 1
+    assert pixels(alone.image).equal(pixels(a.images[1]))
+    assert not pixels(a.images[0]).equal(pixels(a.images[1]))
+
+
+def test_settings_are_reported_with_defaults_resolved(pipe):
+    out = pipe("x", seed=1, progress=False)
+    s = out.settings
+    assert (s["width"], s["height"], s["steps"], s["sampler"], s["scheduler"]) == (64, 64, 4, "euler", "simple")
+    assert s["seed"] == 1 and s["shift"] > 0 and out.image.size == (64, 64)
+    assert out.latents.shape == (1, 16, 8, 8)
+
+
+def count_forward_batches(pipe, **kw):
+    batches = []
+    handle = pipe.transformer.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        pipe("a prompt", seed=0, progress=False, **kw)
+    finally:
+        handle.remove()
+    return batches
+
+
+def test_cfg_batches_cond_and_uncond_and_cfg_one_skips_uncond(pipe):
+    assert count_forward_batches(pipe, cfg=3.0, steps=3, batch_size=2) == [4, 4, 4]
+    assert count_forward_batches(pipe, cfg=1.0, steps=3, batch_size=2) == [2, 2, 2]
+
+
+def test_negative_prompt_changes_the_image(pipe):
+    a = pipe("a red circle", negative_prompt="", cfg=4.0, seed=3, progress=False)
+    b = pipe("a red circle", negative_prompt="blue", cfg=4.0, seed=3, progress=False)
+    assert not pixels(a.image).equal(pixels(b.image))
+
+
+def test_each_distinct_prompt_is_encoded_once_per_call(pipe, monkeypatch):
+    seen = []
+    original = pipe.text_encoder.encode
+    monkeypatch.setattr(pipe.text_encoder, "encode", lambda prompts: seen.append(list(prompts)) or original(prompts))
+    pipe("cat", negative_prompt="dog", batch_size=3, cfg=2.0, seed=0, progress=False)
+    assert seen == [["cat", "dog"]]
+
+
+def test_callback_previews_and_can_interrupt(pipe):
+    steps_seen = []
+
+    def callback(info):
+        steps_seen.append((info.step, info.latents.shape, info.x0.shape))
+        return info.step < 1  # stop after the second step
+
+    out = pipe("a", steps=6, seed=0, callback=callback, progress=False)
+    assert [s for s, _, _ in steps_seen] == [0, 1]
+    assert steps_seen[0][1] == steps_seen[0][2] == (1, 16, 8, 8)
+    assert out.settings["interrupted"] is True and out.image.size == (64, 64)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(width=100), "multiple of 16"), (dict(steps=0), "steps"),
+                                       (dict(sampler="nope"), "valid: euler"), (dict(batch_size=0), "batch")])
+def test_bad_settings_name_the_value(pipe, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a", progress=False, **kw)
+
+
+def test_load_by_name_and_missing_path():
+    assert chromaflow.load("tiny").defaults.width == 64
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        chromaflow.load("/nonexistent/model.safetensors")

@@ -1,0 +1,116 @@
+"""The shapes world: determinism, exact colours, sizes, layout constraints, and en/zh/ru captions with agreement."""
+
+import numpy as np
+import pytest
+
+from chromaflow.engine.shapes import (BACKGROUNDS, COLORS, GAP, KINDS, LANGUAGES, SIZES, Obj, Scene, ShapesDataset,
+                                      caption, describe, relation_holds, render, ru_phrase, sample_scene)
+
+SCENES = [sample_scene(np.random.default_rng([123, i]), KINDS[i % 4]) for i in range(200)]
+
+
+def test_items_are_deterministic_by_seed_and_index():
+    a, b, c = ShapesDataset(seed=5, size=64), ShapesDataset(seed=5, size=64), ShapesDataset(seed=6, size=64)
+    for i in (0, 7, 123456):
+        (img1, t1), (img2, t2) = a[i], b[i]
+        assert t1 == t2 and np.array_equal(np.asarray(img1), np.asarray(img2))
+    assert [a[i][1] for i in range(5)] != [c[i][1] for i in range(5)]
+    x, text = ShapesDataset(seed=5, size=32, as_tensor=True)[7]
+    assert tuple(x.shape) == (3, 32, 32) and -1.0 <= float(x.min()) <= float(x.max()) <= 1.0 and text == a[7][1]
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_interiors_have_exact_colours_and_background(size):
+    for scene in SCENES[:40]:
+        a = np.asarray(render(scene, size))
+        assert a.shape == (size, size, 3)
+        assert tuple(a[0, 0]) == BACKGROUNDS[scene.background]
+        for o in scene.objects:
+            cx, cy = o.centre
+            if o.shape == "star":                   # the bbox centre of a star can fall between two arms
+                cy = o.bbox[1] + (o.bbox[3] - o.bbox[1]) * 0.55
+            assert tuple(a[int(cy * size), int(cx * size)]) == COLORS[o.color]
+
+
+def test_sizes_layout_and_relations():
+    for scene in SCENES:
+        assert 1 <= len(scene.objects) <= 3
+        for o in scene.objects:
+            lo, hi = SIZES[o.size]
+            x0, y0, x1, y1 = o.bbox
+            assert lo - 1e-9 <= max(x1 - x0, y1 - y0) <= hi + 1e-9
+            assert 0 < x0 < x1 < 1 and 0 < y0 < y1 < 1
+        for i, a in enumerate(scene.objects):
+            for b in scene.objects[i + 1:]:         # bboxes apart by at least GAP along some axis
+                assert max(b.bbox[0] - a.bbox[2], a.bbox[0] - b.bbox[2], b.bbox[1] - a.bbox[3], a.bbox[1] - b.bbox[3]) >= GAP - 1e-9
+        if scene.relation:
+            a, b = scene.objects
+            assert relation_holds(scene.relation, a.centre, b.centre, ratio=1.5)
+            assert not relation_holds(scene.relation, b.centre, a.centre)
+    kinds = {s.kind for s in SCENES}
+    assert kinds == set(KINDS)
+    counts = [len(s.objects) for s in SCENES if s.kind == "count"]
+    assert set(counts) == {2, 3}
+    assert all(len({(o.shape, o.color, o.size) for o in s.objects}) == 1 for s in SCENES if s.kind == "count")
+
+
+def test_russian_agreement():
+    assert ru_phrase("star", "red", count=2) == "две красные звезды"
+    assert ru_phrase("square", "blue", count=3) == "три синих квадрата"
+    assert ru_phrase("circle", "red", count=2) == "два красных круга"
+    assert ru_phrase("star", "blue", "small", count=3) == "три маленькие синие звезды"
+    assert ru_phrase("triangle", "green", "large", count=2) == "два больших зелёных треугольника"
+    assert ru_phrase("circle", "yellow", count=1) == "один жёлтый круг"
+    assert ru_phrase("star", "orange", count=1) == "одна оранжевая звезда"
+    assert ru_phrase("square", "blue", "small", case="gen") == "маленького синего квадрата"
+    assert ru_phrase("star", "blue", "large", case="gen") == "большой синей звезды"
+    assert ru_phrase("star", "purple", case="ins") == "фиолетовой звездой"
+    assert ru_phrase("circle", "blue", case="ins") == "синим кругом"
+    assert ru_phrase("star", "blue", case="acc") == "синюю звезду"
+
+
+def _scene(kind, shape, color, n=1, relation=None, size="small"):
+    objs = [Obj(shape, color, size, (0.1 + 0.3 * i, 0.4, 0.25 + 0.3 * i, 0.55)) for i in range(n)]
+    return Scene(objs, "default", relation, kind)
+
+
+def test_russian_captions_agree_in_context():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        text = describe(_scene("count", "star", "red", 2), "ru", rng, sized=False).lower()
+        assert ("две красные звезды" in text) or ("2 красные звезды" in text), text
+        text = describe(_scene("count", "square", "blue", 3), "ru", rng, sized=True)
+        assert "синих квадрата" in text and ("три" in text.lower() or "3" in text), text
+    rel = Scene([Obj("circle", "red", "small", (0.1, 0.4, 0.2, 0.5)), Obj("square", "blue", "small", (0.6, 0.4, 0.7, 0.5))],
+                "default", "left of", "relation")
+    seen = set()
+    for _ in range(60):
+        text = describe(rel, "ru", rng, sized=False).lower()
+        seen.add(text)
+        assert "слева от синего квадрата" in text or "левее синего квадрата" in text or "справа от красного круга" in text \
+            or "правее красного круга" in text, text
+    assert len(seen) >= 8
+
+
+def test_captions_cover_languages_and_name_the_right_words():
+    rng = np.random.default_rng(1)
+    langs = [caption(s, rng)[1] for s in SCENES]
+    assert set(langs) == set(LANGUAGES)
+    words = {"en": {"red": "red", "blue": "blue", "circle": "circle", "star": "star", "small": ("small", "tiny", "little")},
+             "zh": {"red": "红色", "blue": "蓝色", "circle": "圆形", "star": "五角星", "small": ("小",)},
+             "ru": {"red": "красн", "blue": "син", "circle": "круг", "star": "звезд", "small": ("маленьк", "крошечн")}}
+    rel = Scene([Obj("circle", "red", "small", (0.1, 0.4, 0.2, 0.5)), Obj("star", "blue", "small", (0.6, 0.4, 0.7, 0.5))],
+                "white", "left of", "relation")
+    for lang, w in words.items():
+        texts = {describe(rel, lang, rng, sized=True, split=split) for _ in range(40) for split in ("train", "eval")}
+        assert len(texts) >= 12
+        for t in texts:
+            low = t.lower()
+            assert all(w[k] in low for k in ("red", "blue", "circle")), t
+            assert w["star"] in low or (lang == "ru" and "звёзд" in low), t
+            assert any(s in low for s in w["small"]), t
+            assert any(b in low for b in {"en": ("white",), "zh": ("白色",), "ru": ("белом", "белый")}[lang]), t
+        plain = describe(rel, lang, rng, sized=False)
+        assert not any(s in plain for s in w["small"]), plain
+    assert describe(_scene("count", "circle", "orange", 3), "zh", np.random.default_rng(2), sized=False) \
+        .replace("3个", "三个").find("三个橙色的圆形") >= 0
