@@ -253,7 +253,7 @@ def test_save_writes_modelspec_and_params(tmp_path):
 def test_describe_reads_headers_only(tmp_path, monkeypatch):
     model = random_model("tiny")
     sharded = save_transformer(model, tmp_path / "t", layout="diffusers", max_shard_size=20_000)
-    monkeypatch.setattr(checkpoint, "safe_open", None)  # any tensor read would fail
+    monkeypatch.setattr(checkpoint.Checkpoint, "get", None)  # any tensor read would fail
     info = describe(sharded)
     assert (info["layout"], info["architecture"]) == ("diffusers", "chroma")
     assert info["parameters"] == count_parameters(model) and info["tensors"] == 100
@@ -261,3 +261,21 @@ def test_describe_reads_headers_only(tmp_path, monkeypatch):
     assert len(info["files"]) > 2 and info["metadata"]["modelspec.architecture"] == "chroma"
     other = describe(save_checkpoint({"encoder.w": torch.zeros(2, 3)}, tmp_path / "vae.safetensors"))
     assert other["layout"] is None and other["parameters"] == 6 and "neither" in other["error"]
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak RSS while loading grows by about the file size, not twice it (mapped pages are released)."""
+    import subprocess
+    import sys
+    from chromaflow.models.transformer import MMDiTParams, build
+    params = MMDiTParams(hidden_size=768, num_heads=12, depth=2, depth_single_blocks=4, context_in_dim=768,
+                         axes_dim=(8, 28, 28), approximator_hidden=768, approximator_depth=2)
+    path = save_transformer(build(params), tmp_path / "m.safetensors")
+    size = path.stat().st_size
+    # VmHWM (peak RSS) from /proc: unlike ru_maxrss it is not inherited from the forking pytest process
+    script = ("import re, sys\nfrom chromaflow.formats.layouts import load_transformer\n"
+              "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+              "before = peak()\nmodel, _ = load_transformer(sys.argv[1])\nprint(peak() - before)")
+    grown = int(subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                               check=True).stdout)
+    assert size * 0.9 < grown < size * 1.4, (grown, size)

@@ -23,7 +23,7 @@ from .shapes import (BACKGROUNDS, COLORS, GEOMETRY, LANGUAGES, SHAPES, SIZES, co
 COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
 ALPHA_MIN = 0.5       # a pixel is foreground when more than half covered by a palette colour ...
-RESIDUAL_MAX = 60.0   # ... and within this RGB distance of the background-to-colour line (orange-yellow is 60 apart)
+RESIDUAL_MAX = 80.0   # ... and within this RGB distance of the background-to-colour line (rejects off-palette marks)
 MIN_AREA = 0.0015     # components smaller than this fraction of the canvas are speckles (smallest object ~0.0045)
 SMALL_MAX, LARGE_MIN = 0.24, 0.27   # longest side / canvas: small <= 0.24 < "medium" < 0.27 <= large
 MAX_DETECTIONS = 10   # matching considers the largest components only
@@ -106,8 +106,8 @@ def spec_scene(spec: PromptSpec, rng: np.random.Generator):
 
 def _background_rgb(a: np.ndarray) -> np.ndarray:
     w = max(1, min(a.shape[:2]) // 64)
-    ring = np.concatenate([a[:w].reshape(-1, 3), a[-w:].reshape(-1, 3), a[:, :w].reshape(-1, 3), a[:, -w:].reshape(-1, 3)])
-    return np.median(ring, axis=0)
+    ring = [a[:w], a[-w:], a[:, :w], a[:, -w:]]
+    return np.median(np.concatenate([r.reshape(-1, 3) for r in ring]), axis=0)
 
 
 def detect_background(image: Image.Image) -> str:
@@ -120,10 +120,12 @@ def detect(image: Image.Image) -> list[Detection]:
     """Objects in `image`, largest first: colour by weighted majority, shape by ideal-shape fit, size, centre."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
     H, W = a.shape[:2]
-    p = a - _background_rgb(a)
-    d = _PALETTE - _background_rgb(a)
-    alpha = np.clip(p @ d.T / np.maximum((d * d).sum(1), 1.0), 0.0, 1.0)                  # (H, W, K)
+    bg = _background_rgb(a)
+    p, d = a - bg, _PALETTE - bg
+    # unmix p = alpha * d; alpha may overshoot 1 (a more saturated shade still belongs to its palette colour)
+    alpha = np.clip(p @ d.T / np.maximum((d * d).sum(1), 1.0), 0.0, 1.5)                  # (H, W, K)
     resid = np.linalg.norm(p[:, :, None, :] - alpha[..., None] * d, axis=-1)
+    alpha = np.minimum(alpha, 1.0)
     best = resid.argmin(-1)
     best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     fg = (best_alpha > ALPHA_MIN) & (np.take_along_axis(resid, best[..., None], -1)[..., 0] < RESIDUAL_MAX)
@@ -139,7 +141,8 @@ def detect(image: Image.Image) -> list[Detection]:
         win = np.s_[y0:min(H, sl[0].stop + pad), x0:min(W, sl[1].stop + pad)]
         own = labels[win] == i
         # the component plus its anti-aliased rim, never another component's pixels
-        region = ndimage.binary_dilation(own, iterations=RIM_PX) & ((labels[win] == 0) | own) & (resid[win][..., k] < RESIDUAL_MAX)
+        region = ndimage.binary_dilation(own, iterations=RIM_PX) & ((labels[win] == 0) | own) \
+            & (resid[win][..., k] < RESIDUAL_MAX)
         out.append(_fit(np.where(region, alpha[win][..., k], 0.0), (x0, y0), (W, H), COLOR_NAMES[k]))
     return sorted(out, key=lambda det: -det.area)
 
@@ -177,13 +180,15 @@ def score(spec: PromptSpec, detections: list[Detection], background: str | None 
     names one and `background` (the detected name) is given. Unmatched objects fail through `count`."""
     dets = detections[:MAX_DETECTIONS]
 
-    def agreement(o: ObjSpec, det: Detection):
-        return (2 * (det.color == o.color) + 2 * (det.shape == o.shape) + (o.size in (None, det.size)), det.area)
+    def value(idx):
+        pairs = [(o, dets[j]) for o, j in zip(spec.objects, idx) if j is not None]
+        return (sum(2 * (d.color == o.color) + 2 * (d.shape == o.shape) + (o.size in (None, d.size)) for o, d in pairs),
+                sum(d.area for _, d in pairs))
 
-    choices = list(range(len(dets))) + [None] * len(spec.objects)
-    best = max(set(itertools.permutations(choices, len(spec.objects))),
-               key=lambda idx: tuple(map(sum, zip(*[agreement(o, dets[j]) if j is not None else (0, 0.0)
-                                                    for o, j in zip(spec.objects, idx)]))))
+    # every one-to-one assignment (None: unmatched), in a deterministic order so ties resolve the same way
+    n = len(spec.objects)
+    options = dict.fromkeys(itertools.permutations(list(range(len(dets))) + [None] * n, n))
+    best = max(options, key=value)
     pairs = [(o, dets[j]) for o, j in zip(spec.objects, best) if j is not None]
     wanted = Counter((o.color, o.shape) for o in spec.objects)
     result = {
@@ -191,8 +196,8 @@ def score(spec: PromptSpec, detections: list[Detection], background: str | None 
         "shape": bool(pairs) and all(det.shape == o.shape for o, det in pairs),
         "size": bool(pairs) and all(o.size in (None, det.size) for o, det in pairs),
         "count": all(sum((det.color, det.shape) == key for det in dets) == n for key, n in wanted.items()),
-        "relation": spec.relation is None or (None not in best[:2] and
-                                              relation_holds(spec.relation, dets[best[0]].centre, dets[best[1]].centre)),
+        "relation": spec.relation is None or (
+            None not in best[:2] and relation_holds(spec.relation, dets[best[0]].centre, dets[best[1]].centre)),
         "background": spec.background is None or background is None or background == spec.background,
     }
     result["all_correct"] = all(result.values())
@@ -235,9 +240,11 @@ def evaluate(generate_fn, prompts: list[PromptSpec], batch_size: int = 16, grid_
     return _finish(images, prompts, grid_path)
 
 
-def evaluate_ground_truth(prompts: list[PromptSpec], size: int = 64, seed: int = 0, grid_path: str | None = None) -> dict:
+def evaluate_ground_truth(prompts: list[PromptSpec], size: int = 64, seed: int = 0,
+                          grid_path: str | None = None) -> dict:
     """Score exact renders of each spec: the detector's and scorer's ceiling (should be ~100%)."""
-    images = [render(spec_scene(s, np.random.default_rng([_EVAL_SEED, seed, i, 7])), size) for i, s in enumerate(prompts)]
+    images = [render(spec_scene(s, np.random.default_rng([_EVAL_SEED, seed, i, 7])), size)
+              for i, s in enumerate(prompts)]
     return _finish(images, prompts, grid_path)
 
 
@@ -259,7 +266,8 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(images: list[Image.Image], captions: list[str], path: str, cols: int = 4, label_px: int = 30) -> Image.Image:
+def sample_grid(images: list[Image.Image], captions: list[str], path: str, cols: int = 4,
+                label_px: int = 30) -> Image.Image:
     """Tile images (resized to the first one's size) with short labels under each; writes a PNG to `path`.
 
     PIL's default font lacks CJK/Cyrillic glyphs: pass English captions or indices (non-ASCII becomes "?")."""

@@ -7,7 +7,7 @@ described by its shape, colour, size class and bbox; `centre` is the bbox centre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,6 +19,7 @@ SIZES = {"small": (0.12, 0.20), "large": (0.30, 0.45)}          # longest bbox s
 BACKGROUNDS = {"default": (245, 245, 240), "white": (255, 255, 255), "black": (20, 20, 20), "gray": (128, 128, 128)}
 RELATIONS = ("left of", "right of", "above", "below")
 KINDS = ("single", "two", "relation", "count")
+KIND_WEIGHTS = (0.3, 0.2, 0.25, 0.25)
 LANGUAGES = ("en", "zh", "ru")
 
 BORDER = 0.03        # free frame around the canvas edge
@@ -29,11 +30,11 @@ SUPERSAMPLE = 4
 
 _S72, _C36 = math.sin(math.radians(72)), math.cos(math.radians(36))
 _STAR_R = 1 / (2 * _S72)                                       # outer radius for a star of width 1
+_STAR_H = _STAR_R * (1 + _C36)                                 # its height
 # per shape: (height / width, area / (width * height), centroid depth / height) -- width is the longest side
 GEOMETRY = {"circle": (1.0, math.pi / 4, 0.5), "square": (1.0, 1.0, 0.5),
             "triangle": (math.sqrt(3) / 2, 0.5, 2 / 3),
-            "star": (_STAR_R * (1 + _C36), 5 * _STAR_R ** 2 * STAR_INNER * math.sin(math.radians(36)) / (_STAR_R * (1 + _C36)),
-                     1 / (1 + _C36))}
+            "star": (_STAR_H, 5 * _STAR_R ** 2 * STAR_INNER * math.sin(math.radians(36)) / _STAR_H, _STAR_R / _STAR_H)}
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Obj:
 
     @property
     def centre(self) -> tuple[float, float]:
-        return ((self.bbox[0] + self.bbox[2]) / 2, (self.bbox[1] + self.bbox[3]) / 2)
+        return _centre(self.bbox)
 
 
 @dataclass
@@ -54,7 +55,6 @@ class Scene:
     background: str = "default"
     relation: str | None = None                 # objects[0] <relation> objects[1]
     kind: str = "single"
-    meta: dict = field(default_factory=dict)
 
 
 # --- geometry and layout --------------------------------------------------------------------------------------
@@ -114,20 +114,19 @@ def _separated_along(relation, a, b) -> bool:
 
 def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
     """A random scene; kind: single (1 object), two (2, no relation), relation (2 + relation), count (2-3 identical)."""
-    kind = kind or KINDS[rng.choice(len(KINDS), p=[0.3, 0.2, 0.25, 0.25])]
-    pick = lambda seq: seq[rng.integers(len(seq))]                      # noqa: E731
+    kind = kind or KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
     colors, sizes = list(COLORS), list(SIZES)
-    first = (pick(SHAPES), pick(colors), pick(sizes))
+    first = (_pick(rng, SHAPES), _pick(rng, colors), _pick(rng, sizes))
     if kind == "single":
         items = [first]
     elif kind == "count":
         items = [first] * int(rng.integers(2, 4))
     else:
-        while (second := (pick(SHAPES), pick(colors), pick(sizes)))[:2] == first[:2]:
+        while (second := (_pick(rng, SHAPES), _pick(rng, colors), _pick(rng, sizes)))[:2] == first[:2]:
             pass                                                        # two distinct (shape, colour) objects
         items = [first, second]
-    relation = pick(RELATIONS) if kind == "relation" else None
-    background = "default" if rng.random() < 0.75 else pick(("white", "black", "gray"))
+    relation = _pick(rng, RELATIONS) if kind == "relation" else None
+    background = "default" if rng.random() < 0.75 else _pick(rng, ("white", "black", "gray"))   # a named minority
     return place(rng, items, relation, background, kind)
 
 
@@ -234,9 +233,10 @@ def ru_phrase(shape: str, color: str, size: str | None = None, count: int | None
     if count in (2, 3):
         assert case in ("nom", "acc"), "numerals 2-3 are only used in nominative/accusative phrases"
         agree = ("pl", "gen") if gender == "m" else ("pl", "nom")
-        return " ".join([_RU_NUM[count][gender][0]] + [ru_adjective(w, *agree, variant) for w in adjectives] + [forms[1]])
-    numeral = [_RU_NUM[1][gender][_CASES.index(case)]] if count == 1 else []
-    return " ".join(numeral + [ru_adjective(w, gender, case, variant) for w in adjectives] + [forms[_CASES.index(case)]])
+        return " ".join([_RU_NUM[count][gender][0], *(ru_adjective(w, *agree, variant) for w in adjectives), forms[1]])
+    c = _CASES.index(case)
+    numeral = [_RU_NUM[1][gender][c]] if count == 1 else []
+    return " ".join(numeral + [ru_adjective(w, gender, case, variant) for w in adjectives] + [forms[c]])
 
 
 def _en_np(o: Obj, sized: bool, rng, det: str = "a", count: int = 1) -> str:
@@ -284,7 +284,8 @@ def _slots(lang: str, scene: Scene, sized: bool, rng) -> dict:
         for key, o in zip("AB", objs):
             size, var = (o.size if sized else None), int(rng.integers(2))
             for case in _CASES:
-                s[key + ("" if case == "nom" else "_" + case)] = ru_phrase(o.shape, o.color, size, case=case, variant=var)
+                slot = key if case == "nom" else f"{key}_{case}"
+                s[slot] = ru_phrase(o.shape, o.color, size, case=case, variant=var)
             s[key + "_one"] = ru_phrase(o.shape, o.color, size, count=1, variant=var)
         o = objs[0]
         number = ("m", "f", "pl").index("pl" if scene.kind == "count" else _RU_NOUN[o.shape][0])  # subject: A or N
@@ -302,8 +303,9 @@ def _slots(lang: str, scene: Scene, sized: bool, rng) -> dict:
 # (train templates, eval-only templates) per language and caption kind
 _TEMPLATES = {
     "en": {
-        "single": (["{a}", "a picture of {a}", "an image of {a}", "a simple drawing of {a}", "there is {a} in the picture",
-                    "{one}", "a photo of {a}", "{a}, flat illustration", "a clean flat render of {a}", "just {one}"],
+        "single": (["{a}", "a picture of {a}", "an image of {a}", "a simple drawing of {a}",
+                    "there is {a} in the picture", "{one}", "a photo of {a}", "{a}, flat illustration",
+                    "a clean flat render of {a}", "just {one}"],
                    ["a rendering that shows {a}", "a canvas containing {one}", "{a} in the frame"]),
         "two": (["{a} and {b}", "a picture of {a} and {b}", "an image with {a} and {b}", "{a} together with {b}",
                  "{a} as well as {b}", "two shapes: {a} and {b}", "there are {a} and {b}",
@@ -352,14 +354,12 @@ _TEMPLATES = {
 }
 
 
-def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool = True, split: str = "train",
-             template: int | None = None) -> str:
+def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool = True, split: str = "train") -> str:
     """Caption `scene` in `language`; sized: name every object's size class; split "eval" draws half of its
-    captions from templates never used in training; template: a fixed index into the split's template list."""
+    captions from templates never used in training."""
     train, held = _TEMPLATES[language][scene.kind]
     pool = train if split == "train" else (held if rng.random() < 0.5 else train)
-    text = pool[template % len(pool) if template is not None else int(rng.integers(len(pool)))]
-    text = text.format(**_slots(language, scene, sized, rng))
+    text = _pick(rng, pool).format(**_slots(language, scene, sized, rng))
     if scene.background != "default":
         words = _EN if language == "en" else _ZH if language == "zh" else None
         if words:
@@ -395,15 +395,16 @@ class ShapesDataset:
 
     def __init__(self, seed: int = 0, size: int = 256, languages=LANGUAGES, language_weights=None,
                  kind_weights=None, as_tensor: bool = False, length: int = 2 ** 31 - 1):
-        self.seed, self.size, self.languages, self.as_tensor, self.length = seed, size, tuple(languages), as_tensor, length
+        self.seed, self.size, self.languages = seed, size, tuple(languages)
+        self.as_tensor, self.length = as_tensor, length
         self.language_weights = _normalise(language_weights, len(self.languages))
-        self.kind_weights = _normalise(kind_weights if kind_weights is not None else [0.3, 0.2, 0.25, 0.25], len(KINDS))
+        self.kind_weights = _normalise(KIND_WEIGHTS if kind_weights is None else kind_weights, len(KINDS))
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> tuple[Scene, np.random.Generator]:
-        rng = np.random.default_rng([self.seed, index])     # training seed space: 2-word entropy (eval uses 3+)
+        rng = np.random.default_rng([self.seed, index])     # training seeds: 2-word entropy; the benchmark uses 4+
         return sample_scene(rng, KINDS[int(rng.choice(len(KINDS), p=self.kind_weights))]), rng
 
     def __getitem__(self, index: int):

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 MAX_HEADER = 100_000_000  # the safetensors reference reader's limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -101,15 +102,19 @@ class Checkpoint:
         self.config = config or {}  # diffusers config.json beside the weights, if any
         self.metadata: dict[str, str] = {}
         self._entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-        self._handles: dict[Path, safe_open] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
+        self._maps: dict[Path, mmap.mmap] = {}
         for file in self.files:
             header = check_safetensors(file)
             self.metadata.update(header.pop("__metadata__", {}))
+            data_start = 8 + struct.unpack("<Q", file.open("rb").read(8))[0]
             for key, entry in header.items():
                 if key in self._entries:
                     raise CheckpointError(f"{file}: key {key!r} is also in {self._entries[key][0]}; "
                                           "a shard set must not repeat keys")
                 self._entries[key] = (file, entry["dtype"], tuple(entry["shape"]))
+                begin, end = entry["data_offsets"]
+                self._offsets[key] = (data_start + begin, data_start + end)
 
     @property
     def name(self) -> str:
@@ -152,17 +157,38 @@ class Checkpoint:
         return str(DTYPES[name]).removeprefix("torch.") if name in DTYPES else name
 
     def get(self, key: str, rows: slice | None = None) -> torch.Tensor:
-        """Read one tensor (or a slice of its rows) from its memory-mapped file."""
-        file = self._entry(key)[0]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt", device="cpu")
-        handle = self._handles[file]
-        return handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
+        """Copy one tensor (or a range of its rows) out of the file's memory map into owned, aligned memory.
+
+        The mapped pages are released right after the copy, so loading a model tensor by tensor peaks at one
+        model plus one tensor, never the file twice (mapped pages would otherwise count towards RSS)."""
+        file, _, shape = self._entry(key)
+        dtype = self.dtype(key)
+        begin, end = self._offsets[key]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError(f"row slices must be contiguous, got step {step}")
+            begin, end, shape = begin + start * row_bytes, begin + stop * row_bytes, (stop - start, *shape[1:])
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = self._maps[file]
+        with warnings.catch_warnings():  # read-only buffer: we copy before anyone could write
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
+                else torch.empty(0, dtype=torch.uint8)
+        tensor = raw.clone().view(dtype).reshape(shape)
+        page = mmap.PAGESIZE
+        if hasattr(mm, "madvise") and end > begin:
+            start = begin - begin % page
+            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), end) - start)
+        return tensor
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -256,6 +282,10 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike
     return path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class atomic_write:
     """`with atomic_write(path) as f:` writes to a temp file beside `path` and renames it into place on success."""
 
@@ -264,6 +294,7 @@ class atomic_write:
 
     def __enter__(self):
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any file we create
         self.f = os.fdopen(fd, self.mode)
         return self.f
 

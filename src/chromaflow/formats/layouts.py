@@ -362,10 +362,8 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         _check_fits(tf, expected)
         dtype = dtype or _main_dtype(ckpt, tf.keymap.values())
-        # copy=True: safetensors hands out views into the file's mapping, aligned only as the file happens to be;
-        # CPU kernels then pick other code paths and differ in the last bits from a model built in memory. Owned,
-        # aligned copies keep results reproducible and free the model from the file (peak: one model + one tensor).
-        state = {k: tf.get(k).to(device=device, dtype=dtype, copy=True) for k in expected}
+        # Checkpoint.get hands out owned copies and releases the mapped pages: peak is one model + one tensor
+        state = {k: tf.get(k).to(device=device, dtype=dtype) for k in expected}
         model.load_state_dict(state, strict=True, assign=True)
         info = {"path": str(path), "files": [str(f) for f in ckpt.files], "layout": tf.layout,
                 "architecture": tf.architecture, "params": tf.params.to_dict(), "dtype": str(dtype).split(".")[-1],

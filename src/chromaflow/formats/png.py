@@ -7,11 +7,11 @@ setting exactly, so an image can be regenerated from it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from .checkpoint import atomic_write
 
 # our setting name -> A1111 infotext key, in A1111's key order
 _INFOTEXT_KEYS = [("steps", "Steps"), ("sampler", "Sampler"), ("scheduler", "Schedule type"), ("cfg", "CFG scale"),
@@ -38,7 +38,7 @@ def infotext(settings: dict, index: int = 0) -> str:
 
 def save_png(image: Image.Image, path: str | Path, settings: dict | None = None, index: int = 0,
              extra_text: dict[str, str] | None = None) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written image."""
+    """Write atomically (temp file + rename), so a crash never leaves a half-written image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
@@ -47,16 +47,8 @@ def save_png(image: Image.Image, path: str | Path, settings: dict | None = None,
         info.add_text("chromaflow", json.dumps(dict(settings, seed=settings["seed"] + index), ensure_ascii=False))
     for key, value in (extra_text or {}).items():
         info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 
