@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import make_tiny_t5
 
 from chromaflow.models.text import (
     ByteTextEncoder,
@@ -122,27 +123,8 @@ def test_load_text_encoder_errors(tmp_path):
 
 # --- T5 ------------------------------------------------------------------------------------------------------------
 
-WORDS = "a red blue green circle square above below left of the big small кот собака 红 色 圆".split()
-
-
-def _tiny_t5(folder, tokenizer_folder=None):
-    """A random 2-layer T5 encoder and a small Unigram T5 tokenizer, built locally."""
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -2.0) for w in WORDS]
-    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]
-    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
-    model = T5EncoderModel(config).eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(tokenizer_folder or folder)
-    return model, tok
-
-
 def test_t5_encoder_offline_with_mask(tmp_path):
-    model, tok = _tiny_t5(tmp_path / "t5")
+    model, tok = make_tiny_t5(tmp_path / "t5")
     enc = T5TextEncoder(tmp_path / "t5", max_length=16)
     prompts = ["a red circle above a blue square", "big кот", ""]
     out = enc.encode(prompts)
@@ -159,7 +141,7 @@ def test_t5_encoder_offline_with_mask(tmp_path):
 
 def test_t5_layouts_and_detection(tmp_path):
     # diffusers pipeline layout: text_encoder/ + tokenizer/
-    _tiny_t5(tmp_path / "pipe" / "text_encoder", tmp_path / "pipe" / "tokenizer")
+    make_tiny_t5(tmp_path / "pipe" / "text_encoder", tmp_path / "pipe" / "tokenizer")
     a = load_text_encoder(tmp_path / "pipe", max_length=8).encode(["a big circle"])
     b = load_text_encoder(tmp_path / "pipe" / "text_encoder", max_length=8).encode(["a big circle"])
     c = T5TextEncoder(tmp_path / "pipe" / "text_encoder", tokenizer_path=tmp_path / "pipe" / "tokenizer",
@@ -171,7 +153,7 @@ def test_t5_layouts_and_detection(tmp_path):
 def test_t5_missing_files_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         T5TextEncoder(tmp_path / "nowhere")
-    _tiny_t5(tmp_path / "enc", tmp_path / "elsewhere")
+    make_tiny_t5(tmp_path / "enc", tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="tokenizer_path"):
         T5TextEncoder(tmp_path / "enc")
     (tmp_path / "enc" / "model.safetensors").unlink()

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from ..formats.layouts import load_transformer
+from ..formats.checkpoint import atomic_write
+from ..formats.layouts import load_transformer, save_transformer
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, load_text_encoder
 from ..models.transformer import build, preset
 from ..models.vae import VAE, small_vae_config
@@ -69,6 +70,23 @@ def load_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) ->
     vae = VAE.load(folder / manifest.get("vae", "vae"))
     return Pipeline(transformer, text, vae.to(device), name=manifest.get("name", folder.name),
                     model_hash=file_hash(weights), defaults=_defaults(manifest.get("defaults")), device=device)
+
+
+def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None) -> Path:
+    """Write `pipe` as a chromaflow model folder that `load` reads back (model.json written last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_transformer(pipe.transformer, folder / "transformer.safetensors", title=pipe.name)
+    pipe.text_encoder.save(folder / "text_encoder")
+    pipe.vae.save(folder / "vae")
+    if card is not None:
+        with atomic_write(folder / "README.md", "w") as f:
+            f.write(card)
+    manifest = {"format": "chromaflow-model", "name": pipe.name, "transformer": "transformer.safetensors",
+                "text_encoder": "text_encoder", "vae": "vae", "defaults": asdict(pipe.defaults)}
+    with atomic_write(folder / "model.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+    return folder
 
 
 def load_diffusers_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) -> Pipeline:

@@ -73,6 +73,9 @@ def latents_to_pil(images: Tensor) -> list[Image.Image]:
 class Pipeline:
     def __init__(self, transformer: MMDiT, text_encoder, vae: VAE, name: str = "model", model_hash: str = "",
                  defaults: Defaults | None = None, device: str | torch.device = "cpu"):
+        if transformer.params.variant != "chroma":
+            raise ValueError(f"{name}: a {transformer.params.variant} transformer needs a CLIP pooled vector, which "
+                             "this pipeline does not provide yet; it generates with Chroma-variant models")
         self.transformer = transformer.eval()
         self.text_encoder = text_encoder
         self.vae = vae.eval()
