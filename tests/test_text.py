@@ -1,6 +1,7 @@
 """Text encoders: Chroma's mask rule, byte tokenizer, ByteTextEncoder, offline T5 loading."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,8 +64,9 @@ def test_byte_tokenizer_truncation_keeps_eos_and_longest_padding():
     ids, mask = tok(["abcdefghijkl", "ab"])
     assert ids.shape == (2, 8) and mask[0].all()
     assert ids[0, -1] == tok.eos_id and tok.decode(ids[:1]) == ["abcdefg"]
-    ids, mask = tok(["abcd", "ab"], padding="longest")
-    assert ids.shape == (2, 5) and mask.sum(1).tolist() == [5, 3]
+    ids, mask = tok(["abcd", "ab"], padding="longest")  # longest row + EOS, plus the one pad Chroma shows
+    assert ids.shape == (2, 6) and mask.sum(1).tolist() == [5, 3] and ids[0, 5] == tok.pad_id
+    assert tok(["abcdefghijkl"], padding="longest")[0].shape == (1, 8)  # no room left for a pad
     with pytest.raises(ValueError, match="padding"):
         tok(["a"], padding="do_not_pad")
 
@@ -82,15 +84,17 @@ def test_byte_encoder_shapes_and_gradients():
     assert all(p.grad is not None for p in enc.parameters())
 
 
-def test_byte_encoder_padding_invariance():
+@pytest.mark.parametrize("pool", [1, 4])
+def test_byte_encoder_padding_invariance(pool):
     torch.manual_seed(0)
-    enc = ByteTextEncoder(TINY).eval()
+    enc = ByteTextEncoder(replace(TINY, pool=pool)).eval()
     prompts = ["a red circle", "зелёный", "圆"]
     with torch.no_grad():
         full = enc.encode(prompts, padding="max_length")
         short = enc.encode(prompts, padding="longest")
     L = short.embeds.shape[1]
     assert torch.equal(full.mask[:, :L], short.mask) and not full.mask[:, L:].any()
+    assert (~short.mask).all(0)[-1]  # every row ends in one group of pure padding
     # real tokens (and the pad that chroma_mask shows) do not depend on how many pads follow
     visible = chroma_mask(short.mask)
     torch.testing.assert_close(full.embeds[:, :L][visible], short.embeds[visible], atol=1e-5, rtol=1e-5)
@@ -159,3 +163,9 @@ def test_t5_missing_files_named(tmp_path):
     (tmp_path / "enc" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="enc"):
         T5TextEncoder(tmp_path / "enc", tokenizer_path=tmp_path / "elsewhere")
+
+
+def test_byte_encoder_pooling_merges_bytes_into_fewer_tokens():
+    enc = ByteTextEncoder(replace(TINY, pool=4))
+    out = enc.encode(["a red circle", "круг"])  # 12 and 8 bytes + EOS
+    assert out.embeds.shape[1] == 5 and out.mask.sum(1).tolist() == [4, 3]  # ceil(13/4) + one pad group

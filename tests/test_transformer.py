@@ -7,8 +7,7 @@ import torch
 
 from chromaflow.cli import main
 from chromaflow.formats.layouts import original_to_diffusers
-from chromaflow.models.transformer import build, count_parameters, timestep_embedding
-from chromaflow.pipeline.pipeline import image_ids
+from chromaflow.models.transformer import build, count_parameters, image_ids, timestep_embedding
 
 
 @pytest.mark.parametrize("name, params, tensors", [("chroma", 8_899_983_424, 643),

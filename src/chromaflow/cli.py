@@ -46,6 +46,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    t = sub.add_parser("train", help="train a model (the built-in one: --preset default)",
+                       description="Rectified-flow training. A preset (default, tiny) or a JSON config; resumes from "
+                       "the newest checkpoint in the output folder unless --restart. Ctrl-C saves and exits.")
+    t.add_argument("config", nargs="?", help="JSON training config")
+    t.add_argument("--preset", help="a built-in recipe: default (the built-in model), tiny (seconds, for tests)")
+    t.add_argument("--out", help="output folder (default runs/NAME)")
+    t.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="score a model on the compositional benchmark",
+                       description="GenEval-style accuracy (colour, shape, size, count, relation, all-correct) on "
+                       "held-out shapes-world prompts in English, Chinese and Russian; writes JSON, markdown, a grid.")
+    e.add_argument("--model", default="default", help="built-in name or model folder")
+    e.add_argument("--n", type=_positive, default=50, help="prompts per category and language")
+    e.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
+    e.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    e.add_argument("--sampler", help="sampler (default: the model's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--ground-truth", action="store_true", help="score exact renders instead (the detector's ceiling)")
+    e.add_argument("--out", default="eval", help="output folder (report.json, report.md, grid.png)")
+
     i = sub.add_parser("info", help="describe a checkpoint or a preset",
                        description="Layout, architecture, parameter count, dtypes and metadata of a checkpoint.")
     i.add_argument("path", nargs="?", help="safetensors file, sharded index, or model folder")
@@ -67,6 +88,37 @@ def cmd_generate(args) -> int:
         path = out if n == 0 else out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}")
         save_png(image, path, result.settings, index=n)
         print(path)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .pipeline.training import run
+    if bool(args.config) == bool(args.preset):
+        raise ValueError("give either a CONFIG file or --preset NAME")
+    folder = run(args.config or args.preset, args.out, resume=not args.restart, progress=not args.quiet)
+    print(folder if folder else "stopped before the end; run the same command again to resume")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine import evaluate as bench
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ground_truth:
+        report = bench.evaluate_ground_truth(bench.benchmark_prompts(args.n, seed=args.seed),
+                                             grid_path=str(out / "grid.png"))
+    else:
+        from .pipeline.loading import load
+        from .pipeline.training import evaluate_pipeline
+        settings = {k: v for k, v in dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler).items()
+                    if v is not None}
+        report = evaluate_pipeline(load(args.model), args.n, seed=args.seed, grid_path=str(out / "grid.png"),
+                                   **settings)
+    table = bench.markdown_table(report)
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'grid.png'}")
     return 0
 
 
@@ -97,7 +149,7 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chromaflow {args.command}: error: {message}", file=sys.stderr)

@@ -24,14 +24,25 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+def image_settings(settings: dict, index: int) -> dict:
+    """The settings of image `index` of a batch: its own seed (seed + index) and, for prompt lists, its prompt."""
+    s = dict(settings, seed=settings["seed"] + index)
+    per_prompt = max(1, int(settings.get("batch_size", 1)))
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(s.get(key), list):
+            s[key] = s[key][index // per_prompt] if s[key] else ""
+    return s
+
+
 def infotext(settings: dict, index: int = 0) -> str:
     """A1111 `parameters` text for image `index` of a batch (its seed is seed + index)."""
-    s = dict(settings, size=f"{settings['width']}x{settings['height']}", seed=settings["seed"] + index)
+    s = image_settings(settings, index)
+    s["size"] = f"{s['width']}x{s['height']}"
     s["sampler"] = str(s["sampler"]).replace("_", " ").title()
     s["scheduler"] = str(s["scheduler"]).title()
-    lines = [settings["prompt"]]
-    if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines = [s["prompt"]]
+    if s.get("negative_prompt"):
+        lines.append(f"Negative prompt: {s['negative_prompt']}")
     lines.append(", ".join(f"{key}: {_quote(s[name])}" for name, key in _INFOTEXT_KEYS if s.get(name) not in (None, "")))
     return "\n".join(lines)
 
@@ -44,7 +55,7 @@ def save_png(image: Image.Image, path: str | Path, settings: dict | None = None,
     info = PngImagePlugin.PngInfo()
     if settings is not None:
         info.add_text("parameters", infotext(settings, index))
-        info.add_text("chromaflow", json.dumps(dict(settings, seed=settings["seed"] + index), ensure_ascii=False))
+        info.add_text("chromaflow", json.dumps(image_settings(settings, index), ensure_ascii=False))
     for key, value in (extra_text or {}).items():
         info.add_text(key, value)
     with atomic_write(path) as f:

@@ -66,7 +66,10 @@ class ByteTokenizer:
             raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [[b + self.offset for b in p.encode("utf-8")[: self.max_length - 1]] + [self.eos_id] for p in prompts]
-        length = self.max_length if padding == "max_length" else max(map(len, rows), default=1)
+        # "longest" keeps one pad slot after the longest row (room permitting): Chroma's mask shows one pad, and
+        # with it "longest" encodes exactly what "max_length" does for every visible token, at a fraction of the cost
+        longest = min(self.max_length, max(map(len, rows), default=1) + 1)
+        length = self.max_length if padding == "max_length" else longest
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
@@ -87,6 +90,7 @@ class ByteTextEncoderConfig:
     mlp_ratio: float = 4.0
     max_length: int = 128  # bytes incl. EOS
     out_dim: int = 256  # = the DiT's context_in_dim
+    pool: int = 1  # bytes merged per output token (a strided conv, as in CANINE): fewer tokens for the DiT
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -122,7 +126,9 @@ class ByteTextEncoder(nn.Module):
         self.config = config = config or ByteTextEncoderConfig()
         self.tokenizer = ByteTokenizer(config.max_length)
         self.embed = nn.Embedding(config.vocab_size, config.width)
-        self.pos = nn.Parameter(torch.zeros(config.max_length, config.width))
+        self.pos = nn.Parameter(torch.zeros(config.max_length + 2 * config.pool, config.width))
+        if config.pool > 1:
+            self.downsample = nn.Conv1d(config.width, config.width, config.pool, stride=config.pool)
         self.blocks = nn.ModuleList(_Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, config.out_dim)
@@ -137,19 +143,28 @@ class ByteTextEncoder(nn.Module):
     def max_length(self) -> int:
         return self.config.max_length
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids (B, L) long, mask (B, L) bool -> (B, L, out_dim)."""
+    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """ids (B, L) long, mask (B, L) bool (L a multiple of `pool`) -> (B, L/pool, out_dim), pooled mask."""
         x = self.embed(ids) + self.pos[: ids.shape[1]]
+        p = self.config.pool
+        if p > 1:  # merge each group of p bytes; zeroed pads cannot leak into a group's real bytes
+            x = self.downsample((x * mask[..., None]).transpose(1, 2)).transpose(1, 2)
+            mask = mask.view(mask.shape[0], -1, p).any(-1)
         key_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees only real tokens
         for block in self.blocks:
             x = block(x, key_mask)
-        return self.out(self.norm_out(x))
+        return self.out(self.norm_out(x)), mask
 
-    def encode(self, prompts: list[str], padding: str = "max_length") -> TextEncoding:
+    def encode(self, prompts: list[str], padding: str = "longest") -> TextEncoding:
         ids, mask = self.tokenizer(prompts, padding=padding)
+        p = self.config.pool
+        if p > 1:  # whole groups, and always one group of pure padding: the pad Chroma's mask shows
+            groups = -(-int(mask.sum(1).max()) // p) + 1
+            extra = max(groups * p, -(-ids.shape[1] // p) * p) - ids.shape[1]
+            ids, mask = F.pad(ids, (0, extra), value=ByteTokenizer.pad_id), F.pad(mask, (0, extra), value=False)
         device = self.embed.weight.device
-        ids, mask = ids.to(device), mask.to(device)
-        return TextEncoding(self(ids, mask), mask)
+        embeds, mask = self(ids.to(device), mask.to(device))
+        return TextEncoding(embeds, mask)
 
     def save(self, folder: str | Path) -> None:
         """config.json (with the marker field) + model.safetensors."""

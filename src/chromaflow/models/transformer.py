@@ -392,6 +392,13 @@ class MMDiT(nn.Module):
         return checkpoint(fn, *args, use_reentrant=False)
 
 
+def image_ids(batch: int, rows: int, cols: int, device=None) -> Tensor:
+    """(batch, rows*cols, 3) ids (0, row, col) for the packed latent grid, row-major."""
+    r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+    ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(1, rows * cols, 3).float()
+    return ids.expand(batch, -1, -1)
+
+
 def drop_hidden_tokens(txt: Tensor, txt_ids: Tensor, txt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Keep only visible text tokens, left-aligned and padded to the longest row; the returned mask is None when
     every row keeps the same count (no masking needed at all). Text ids are all zero, so order is free."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..engine import sampling
 from ..models.text import TextEncoding, chroma_mask
-from ..models.transformer import MMDiT
+from ..models.transformer import MMDiT, image_ids
 from ..models.vae import VAE, pack, unpack
 
 VERSION = "chromaflow 0.1.0"
@@ -56,13 +56,6 @@ class Defaults:
     sampler: str = "euler"
     scheduler: str = "simple"
     shift: float | None = None  # None: Flux's resolution-dependent shift
-
-
-def image_ids(batch: int, rows: int, cols: int, device=None) -> Tensor:
-    """(batch, rows*cols, 3) ids (0, row, col) for the packed latent grid, row-major."""
-    r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
-    ids = torch.stack([torch.zeros_like(r), r, c], -1).reshape(1, rows * cols, 3).float()
-    return ids.expand(batch, -1, -1)
 
 
 def latents_to_pil(images: Tensor) -> list[Image.Image]:
@@ -105,12 +98,14 @@ class Pipeline:
 
     # the call ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str, negative_prompt: str = "", width: int | None = None, height: int | None = None,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, cfg: float | None = None, seed: int | None = None, batch_size: int = 1,
                  sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
                  callback: Callable[[StepInfo], bool | None] | None = None, progress: bool = True) -> Generation:
-        """Generate `batch_size` images. `callback(StepInfo)` runs after every model evaluation; returning False
-        interrupts, and the images are then decoded from the latest clean estimate (settings["interrupted"])."""
+        """Generate `batch_size` images per prompt (a list of prompts runs as one batch; image i uses seed + i).
+
+        `callback(StepInfo)` runs after every model evaluation; returning False interrupts, and the images are then
+        decoded from the latest clean estimate (settings["interrupted"])."""
         d = self.defaults
         pick = lambda value, default: default if value is None else value
         width, height, steps, cfg = pick(width, d.width), pick(height, d.height), pick(steps, d.steps), pick(cfg, d.cfg)
@@ -120,14 +115,21 @@ class Pipeline:
         sampling.check_name(sampler, sampling.SAMPLERS, "sampler")
         sampling.check_name(scheduler, sampling.SCHEDULERS, "scheduler")
 
-        noise = self.initial_noise(seed, batch_size, height, width)
+        prompts = [p for p in ([prompt] if isinstance(prompt, str) else prompt) for _ in range(batch_size)]
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+            [p for p in negative_prompt for _ in range(batch_size)]
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives) // batch_size} negative prompts for {len(prompts) // batch_size} "
+                             "prompts; give one negative prompt, or one per prompt")
+        n = len(prompts)
+        noise = self.initial_noise(seed, n, height, width)
         _, _, h, w = noise.shape
         num_tokens = (h // 2) * (w // 2)
         shift_used = sampling.resolve_shift(shift, num_tokens)
         sigmas = sampling.schedule(steps, scheduler, shift_used).to(self.device)
 
-        text = self.encode_prompts([prompt] * batch_size + ([negative_prompt] * batch_size if cfg != 1 else []))
-        ids = image_ids(2 * batch_size, h // 2, w // 2, self.device)
+        text = self.encode_prompts(prompts + (negatives if cfg != 1 else []))
+        ids = image_ids(2 * n, h // 2, w // 2, self.device)
         txt_ids = torch.zeros(*text.mask.shape, 3, device=self.device)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:

@@ -1,0 +1,404 @@
+"""The rectified-flow trainer: one readable loop that trains the built-in model and fine-tunes real Chroma.
+
+Each step: draw a batch (deterministic by its position), encode images to latents, pair them with noise by
+minibatch OT, sample t from the configured density, regress the velocity eps - x0. Everything random in a step
+comes from a generator seeded by (seed, step, micro-batch, rank), so a resumed run replays the same numbers:
+the checkpoint holds only weights, EMA, optimizer moments and the step counter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..formats.checkpoint import atomic_write, open_checkpoint, save_checkpoint
+from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, chroma_mask, load_text_encoder
+from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, preset
+from ..models.vae import VAE, pack
+from . import flow
+from .report import loss_curve
+
+
+@dataclass
+class Stage:
+    """`steps` steps at square `size` px with `batch_size` per process and micro-batch. A list of sizes (and batch
+    sizes) cycles step by step, so a stage can mix resolutions: [128, 128, 128, 256] is 3:1."""
+    steps: int
+    size: int | list
+    batch_size: int | list
+
+    def at(self, step: int) -> tuple[int, int]:
+        """(size, batch_size) for the stage's step number `step`."""
+        sizes = self.size if isinstance(self.size, list) else [self.size]
+        batches = self.batch_size if isinstance(self.batch_size, list) else [self.batch_size]
+        return sizes[step % len(sizes)], batches[step % len(batches)]
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: dict = field(default_factory=lambda: {"preset": "default"})  # preset name + MMDiTParams overrides
+    text_encoder: dict = field(default_factory=dict)  # ByteTextEncoderConfig fields, or {"path": T5 folder}
+    train_text_encoder: bool = True
+    vae: str = ""  # VAE folder
+    data: dict = field(default_factory=lambda: {"kind": "shapes", "seed": 0})
+    stages: list = field(default_factory=lambda: [{"steps": 1000, "size": 256, "batch_size": 32}])
+    grad_accum: int = 1
+    timesteps: str = "chroma"  # uniform | logit_normal | mode | chroma
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    timestep_shift: float | str | None = None  # number, "flux" (resolution-dependent) or None
+    ot_pairing: bool = True
+    caption_dropout: float = 0.1  # empty caption, so the model learns the unconditional velocity for CFG
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    defaults: dict = field(default_factory=lambda: {"width": 256, "height": 256, "steps": 20, "cfg": 4.0})
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stage_list)
+
+    @property
+    def stage_list(self) -> list[Stage]:
+        return [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+
+    def shape_at(self, step: int) -> tuple[int, int]:
+        """(image size, batch size) of global step `step`."""
+        start = 0
+        for stage in self.stage_list:
+            if step < start + stage.steps:
+                return stage.at(step - start)
+            start += stage.steps
+        return self.stage_list[-1].at(step - start)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+class FlowModel(nn.Module):
+    """Everything that trains, in one module (so DDP syncs it): the transformer and, optionally, the text encoder."""
+
+    def __init__(self, transformer: MMDiT, text_encoder: nn.Module, train_text: bool):
+        super().__init__()
+        self.transformer = transformer
+        if train_text:
+            self.text_encoder = text_encoder
+        else:
+            self.frozen_text = [text_encoder.requires_grad_(False)]  # in a list: not a submodule, not trained
+
+    @property
+    def text(self):
+        return self.text_encoder if hasattr(self, "text_encoder") else self.frozen_text[0]
+
+    def forward(self, x_t: Tensor, img_ids: Tensor, t: Tensor, captions: list[str]) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and hasattr(self, "text_encoder")):
+            enc = self.text.encode(captions)
+        mask = chroma_mask(enc.mask)
+        txt_ids = torch.zeros(*mask.shape, 3, device=x_t.device)
+        return self.transformer(x_t, img_ids, enc.embeds, txt_ids, t, txt_mask=mask)
+
+
+def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
+    params = dict(cfg.model)
+    base = params.pop("preset", "default")
+    transformer = build(preset(base, **params) if isinstance(base, str) else MMDiTParams.from_dict(params))
+    if "path" in cfg.text_encoder:
+        text = load_text_encoder(cfg.text_encoder["path"])
+    else:
+        text = ByteTextEncoder(ByteTextEncoderConfig(**{"out_dim": transformer.params.context_in_dim,
+                                                        **cfg.text_encoder}))
+    if not cfg.vae:
+        raise ValueError("the training config needs `vae`: a VAE folder (train one with the `vae` stage first)")
+    vae = VAE.load(cfg.vae).eval().requires_grad_(False)
+    return transformer, text, vae
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norm scales and other vectors are left alone."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant or cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence([cfg.seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def make_data(cfg: TrainConfig):
+    """The training source: `batch(number, batch_size, size) -> (images (B,3,H,W) in [-1,1], captions)`."""
+    kind = cfg.data.get("kind", "shapes")
+    if kind == "shapes":
+        return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"})
+    from .data import make_dataset  # image folders, JSONL manifests, buckets, latent caches
+    return make_dataset(cfg.data)
+
+
+class ShapesData:
+    def __init__(self, seed: int = 0, languages=("en", "zh", "ru"), language_weights=None, kind_weights=None):
+        from .shapes import ShapesDataset
+        self.world = ShapesDataset(seed=seed, languages=languages, language_weights=language_weights,
+                                   kind_weights=kind_weights, as_tensor=True)
+
+    def batch(self, number: int, batch_size: int, size: int) -> tuple[Tensor, list[str]]:
+        if batch_size > 4096:
+            raise ValueError(f"batch_size {batch_size} is over 4096 per process")
+        self.world.size = size
+        # batch `number` owns the item range [number * 4096, ...): unique even when batch sizes vary by step
+        items = [self.world[number * 4096 + i] for i in range(batch_size)]
+        return torch.stack([img for img, _ in items]), [cap for _, cap in items]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor], opt: torch.optim.Optimizer,
+               extra: dict, keep: int = 1) -> Path:
+    """Write ckpt-STEP/ completely, then point latest.json at it (atomic), then prune older checkpoints."""
+    folder = out_dir / f"ckpt-{step:08d}"
+    tmp = out_dir / f".ckpt-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {}
+    steps = {}
+    for p, state in opt.state.items():
+        name = names[id(p)]
+        moments[f"{name}.exp_avg"] = state["exp_avg"]
+        moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"]
+        steps[name] = float(state["step"])
+    save_checkpoint({k: v.detach() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_checkpoint(ema, tmp / "ema.safetensors")
+    save_checkpoint(moments, tmp / "optimizer.safetensors")
+    with atomic_write(tmp / "state.json", "w") as f:
+        json.dump({"step": step, "optimizer_steps": steps, **extra}, f, indent=1)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    with atomic_write(out_dir / "latest.json", "w") as f:
+        json.dump({"checkpoint": folder.name, "step": step}, f)
+    for old in sorted(out_dir.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_state(folder: Path, model: FlowModel, ema: dict[str, Tensor], opt: torch.optim.Optimizer) -> dict:
+    def read(name):
+        with open_checkpoint(folder / name) as ckpt:
+            return {k: ckpt.get(k) for k in ckpt.keys()}
+    model.load_state_dict(read("model.safetensors"))
+    for k, v in read("ema.safetensors").items():
+        ema[k].copy_(v)
+    state = json.loads((folder / "state.json").read_text())
+    moments = read("optimizer.safetensors")
+    for name, p in model.named_parameters():
+        if name in state["optimizer_steps"]:
+            opt.state[p] = {"step": torch.tensor(state["optimizer_steps"][name]),
+                            "exp_avg": moments[f"{name}.exp_avg"], "exp_avg_sq": moments[f"{name}.exp_avg_sq"]}
+    return state
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "latest.json"
+    if not pointer.is_file():
+        return None
+    return out_dir / json.loads(pointer.read_text())["checkpoint"]
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+class StopRequested(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None, preview=None) -> FlowModel:
+    """Train to cfg.total_steps (or `stop_after` more steps), checkpointing into out_dir; returns the model, with
+    the EMA weights loaded once training is complete. `preview(model, vae, path)` draws sample grids (the
+    pipeline layer provides it; it runs with EMA weights every cfg.sample_every steps and at the end)."""
+    out_dir = Path(out_dir)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main = rank == 0
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    transformer, text, vae = build_models(cfg)
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    model = FlowModel(transformer, text, cfg.train_text_encoder).train()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+
+    step, wall = 0, 0.0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out_dir / "config.json", "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_state(ckpt, model, ema, opt)
+        step, wall = state["step"], state.get("wall_time", 0.0)
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    data = make_data(cfg)
+
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = open(out_dir / "metrics.jsonl", "a") if main else None
+    end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
+    bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
+    last_ckpt_time, started = time.time(), time.time() - wall
+    samples_done, rate_start = 0, time.time()
+    try:
+        while step < end:
+            size, batch_size = cfg.shape_at(step)
+            lr = lr_at(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                gen = step_generator(cfg, step, micro, rank)
+                number = (step * cfg.grad_accum + micro) * world + rank
+                loss = flow_loss(net, vae, data, cfg, size, batch_size, number, gen) / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, cfg.ema_decay if step >= cfg.warmup_steps else 0.0)
+            step += 1
+            samples_done += batch_size * cfg.grad_accum * world
+            if main:
+                rate = samples_done / max(1e-9, time.time() - rate_start)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", sps=f"{rate:.1f}", size=size)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == end:
+                    metrics.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                                              "samples_per_s": rate, "size": size,
+                                              "wall_time": time.time() - started}) + "\n")
+                    metrics.flush()
+                due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
+                if due or step == end or stop["signal"] is not None:
+                    save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
+                               cfg.keep_checkpoints)
+                    last_ckpt_time = time.time()
+                if preview and cfg.sample_every and step % cfg.sample_every == 0:
+                    with ema_weights(model, ema):
+                        preview(model, vae, out_dir / f"samples-{step:08d}.png")
+            if stop["signal"] is not None:
+                raise StopRequested
+    except StopRequested:
+        if main:
+            bar.write(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {out_dir}")
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if metrics:
+            metrics.close()
+    if step >= cfg.total_steps:
+        model.load_state_dict(ema)
+        if main:
+            loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
+            if preview:
+                preview(model.eval(), vae, out_dir / "samples-final.png")
+    if distributed:
+        dist.barrier()
+    return model
+
+
+def flow_loss(net: nn.Module, vae: VAE, data, cfg: TrainConfig, size: int, batch_size: int, number: int,
+              gen: torch.Generator) -> Tensor:
+    images, captions = data.batch(number, batch_size, size)
+    with torch.no_grad():
+        latents = vae.encode(images)
+    b, _, h, w = latents.shape
+    drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.ot_pairing and b > 1:
+        noise = flow.ot_pair(latents, noise)
+    shift = flow.resolution_shift(cfg.timestep_shift, (h // 2) * (w // 2))
+    t = flow.sample_timesteps(b, gen, cfg.timesteps, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                              mode_scale=cfg.mode_scale, shift=shift)
+    x_t, target = flow.flow_pair(pack(latents), pack(noise), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        pred = net(x_t, image_ids(b, h // 2, w // 2), t, captions)
+    return (pred.float() - target).square().mean()
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].lerp_(v.detach(), 1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+class ema_weights:
+    """`with ema_weights(model, ema):` evaluates with the EMA weights, then restores the training weights."""
+
+    def __init__(self, model: nn.Module, ema: dict[str, Tensor]):
+        self.model, self.ema = model, ema
+
+    def __enter__(self):
+        self.backup = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema)
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.backup)
+        self.model.train()
