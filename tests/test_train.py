@@ -117,3 +117,16 @@ def test_lr_warms_up_then_decays_by_cosine():
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="lerning_rate"):
         TrainConfig.from_dict({"lerning_rate": 1})
+
+
+def test_frozen_t5_text_encoder_is_not_trained(vae_dir, tmp_path):
+    from helpers import make_tiny_t5
+    make_tiny_t5(tmp_path / "t5")
+    cfg = tiny_config(vae_dir, steps=2)
+    cfg.text_encoder, cfg.train_text_encoder = {"path": str(tmp_path / "t5")}, False
+    model = train(cfg, tmp_path / "run", progress=False)
+    assert not any(k.startswith("text_encoder.") for k in model.state_dict())  # only the transformer trains
+    t5 = model.text.model
+    from transformers import T5EncoderModel
+    fresh = T5EncoderModel.from_pretrained(tmp_path / "t5")
+    assert all(torch.equal(a, b) for a, b in zip(t5.state_dict().values(), fresh.state_dict().values()))

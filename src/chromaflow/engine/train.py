@@ -180,13 +180,14 @@ def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.
 
 # --- data -----------------------------------------------------------------------------------------------------
 
-def make_data(cfg: TrainConfig):
-    """The training source: `batch(number, batch_size, size) -> (images (B,3,H,W) in [-1,1], captions)`."""
+def make_data(cfg: TrainConfig, vae: VAE | None = None):
+    """The training source: `batch(number, batch_size, size) -> (images (B,3,H,W) in [-1,1], captions)`, or
+    (latents, captions) already encoded when it `returns_latents` (a latent cache, which needs the VAE)."""
     kind = cfg.data.get("kind", "shapes")
     if kind == "shapes":
         return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"})
     from .data import make_dataset  # image folders, JSONL manifests, buckets, latent caches
-    return make_dataset(cfg.data)
+    return make_dataset(cfg.data, vae=vae)
 
 
 class ShapesData:
@@ -292,7 +293,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         state = load_state(ckpt, model, ema, opt)
         step, wall = state["step"], state.get("wall_time", 0.0)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    data = make_data(cfg)
+    data = make_data(cfg, vae)
 
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -362,8 +363,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
 def flow_loss(net: nn.Module, vae: VAE, data, cfg: TrainConfig, size: int, batch_size: int, number: int,
               gen: torch.Generator) -> Tensor:
     images, captions = data.batch(number, batch_size, size)
-    with torch.no_grad():
-        latents = vae.encode(images)
+    if getattr(data, "returns_latents", False):
+        latents = images  # from a latent cache: already encoded
+    else:
+        with torch.no_grad():
+            latents = vae.encode(images)
     b, _, h, w = latents.shape
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]

@@ -82,8 +82,8 @@ PRESETS: dict[str, MMDiTParams] = {
     "flux-dev": MMDiTParams(variant="flux", guidance_embed=True, **_FULL),
     "flux-schnell": MMDiTParams(variant="flux", guidance_embed=False, **_FULL),
     # the built-in model (trained here on the procedural shapes world)
-    "default": MMDiTParams(variant="chroma", context_in_dim=256, hidden_size=256, num_heads=4, depth=2,
-                           depth_single_blocks=4, axes_dim=(8, 28, 28), approximator_hidden=256,
+    "default": MMDiTParams(variant="chroma", context_in_dim=256, hidden_size=256, num_heads=4, depth=3,
+                           depth_single_blocks=5, axes_dim=(8, 28, 28), approximator_hidden=256,
                            approximator_depth=2),
     # small configs for tests: every code path, seconds on a CPU
     "tiny": MMDiTParams(variant="chroma", context_in_dim=32, hidden_size=64, num_heads=2, depth=2,

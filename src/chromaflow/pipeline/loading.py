@@ -72,11 +72,14 @@ def load_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) ->
                     model_hash=file_hash(weights), defaults=_defaults(manifest.get("defaults")), device=device)
 
 
-def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None) -> Path:
-    """Write `pipe` as a chromaflow model folder that `load` reads back (model.json written last)."""
+def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write `pipe` as a chromaflow model folder that `load` reads back (model.json written last); `dtype`
+    (e.g. bfloat16) stores the transformer's weights in that precision, which is what it then runs in."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_transformer(pipe.transformer, folder / "transformer.safetensors", title=pipe.name)
+    state = {k: v.to(dtype) if dtype is not None else v for k, v in pipe.transformer.state_dict().items()}
+    save_transformer(state, folder / "transformer.safetensors", params=pipe.transformer.params, title=pipe.name)
     pipe.text_encoder.save(folder / "text_encoder")
     pipe.vae.save(folder / "vae")
     if card is not None:

@@ -7,6 +7,7 @@ The engine trains; this layer adds what needs a Pipeline: sample grids during tr
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ PRESETS: dict[str, dict] = {
         "train": {
             "name": "default",
             "model": {"preset": "default"},
-            "text_encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160},
+            "text_encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
             "data": {"kind": "shapes", "seed": 0},
             # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only
             "stages": [{"steps": 5000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
@@ -113,7 +114,9 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     hours = (state.get("wall_time", 0.0) + _vae_hours(out) * 3600) / 3600
     card = model_card(preset_or_path, cfg, report, hours, time.time() - started)
-    return save_folder(pipe, out / "model", card=card)
+    folder = save_folder(pipe, out / "model", card=card, dtype=torch.bfloat16)
+    shutil.copyfile(out / "dit" / "samples-final.png", folder / "samples.png")
+    return folder
 
 
 def _vae_hours(out: Path) -> float:
