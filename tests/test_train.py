@@ -130,3 +130,26 @@ def test_frozen_t5_text_encoder_is_not_trained(vae_dir, tmp_path):
     from transformers import T5EncoderModel
     fresh = T5EncoderModel.from_pretrained(tmp_path / "t5")
     assert all(torch.equal(a, b) for a, b in zip(t5.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_preset_tiny_trains_every_stage_and_exports_a_loadable_model(tmp_path, capsys):
+    from chromaflow import load
+    from chromaflow.cli import main
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path), "--quiet"]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert folder == tmp_path / "model" and (folder / "README.md").read_text().startswith("# chromaflow built-in")
+    assert (folder / "samples.png").is_file() and (tmp_path / "eval.json").is_file()
+    pipe = load(folder)
+    assert pipe.transformer.img_in.weight.dtype == torch.bfloat16 and pipe("a red circle", seed=0).image.size == (64, 64)
+
+
+def test_training_on_an_image_folder_with_cached_latents(vae_dir, tmp_path):
+    from PIL import Image
+    for i, (w, h) in enumerate([(64, 64), (96, 48), (48, 96), (64, 64)]):
+        Image.new("RGB", (w, h), (40 * i, 100, 200)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"picture {i}")
+    cfg = tiny_config(vae_dir, steps=2)
+    cfg.data = {"kind": "folder", "path": str(tmp_path), "cache_latents": True, "cache_dir": str(tmp_path / "cache")}
+    cfg.stages = [{"steps": 2, "size": 64, "batch_size": 2}]
+    train(cfg, tmp_path / "run", progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= 2

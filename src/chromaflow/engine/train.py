@@ -278,6 +278,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     main = rank == 0
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     transformer, text, vae = build_models(cfg)
+    vae.ae.disable_slicing()  # encode whole batches (one-at-a-time slicing is for reproducible inference)
+    vae.to(memory_format=torch.channels_last)  # oneDNN's preferred layout for CPU convs
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     model = FlowModel(transformer, text, cfg.train_text_encoder).train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -367,7 +369,7 @@ def flow_loss(net: nn.Module, vae: VAE, data, cfg: TrainConfig, size: int, batch
         latents = images  # from a latent cache: already encoded
     else:
         with torch.no_grad():
-            latents = vae.encode(images)
+            latents = vae.encode(images.contiguous(memory_format=torch.channels_last)).contiguous()
     b, _, h, w = latents.shape
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]

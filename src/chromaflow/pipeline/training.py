@@ -26,7 +26,7 @@ SAMPLE_PROMPTS = ["a red circle", "a blue square above a yellow star", "two gree
 # VAE stage settings (engine.train_vae.VAETrainConfig fields) and the DiT stage (TrainConfig fields)
 PRESETS: dict[str, dict] = {
     "default": {
-        "vae": {"block_out_channels": [16, 32, 64, 64], "size": 128, "batch_size": 16, "steps": 3000},
+        "vae": {},  # engine.train_vae.VAETrainConfig's defaults are the built-in VAE's recipe
         "train": {
             "name": "default",
             "model": {"preset": "default"},
@@ -42,7 +42,9 @@ PRESETS: dict[str, dict] = {
         "eval": {"n_per_category": 50},
     },
     "tiny": {  # every stage of the recipe in seconds, for tests
-        "vae": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "size": 32, "batch_size": 4, "steps": 4},
+        "vae": {"vae": {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 1},
+                "image_size": 32, "scene_sizes": [32, 64], "batch_size": 4, "steps": 4, "eval_images": 2,
+                "stats_images": 4, "stats_size": 64, "final_images": 2},
         "train": {
             "name": "tiny", "model": {"preset": "tiny"},
             "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 64},
@@ -98,8 +100,8 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     if not cfg.vae:
         if "vae" not in spec:
             raise ValueError("the config names no `vae` folder and has no `vae` training stage")
-        cfg.vae = str(out / "vae")
-        if not (out / "vae" / "config.json").is_file():
+        cfg.vae = str(out / "vae_train" / "vae")
+        if not (out / "vae_train" / "vae" / "config.json").is_file():
             from ..engine.train_vae import VAETrainConfig, train_vae
             train_vae(VAETrainConfig(**spec["vae"]), out / "vae_train", resume=resume, progress=progress)
     model = train(cfg, out / "dit", resume=resume, progress=progress, stop_after=stop_after,
@@ -120,8 +122,10 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
 
 
 def _vae_hours(out: Path) -> float:
-    stats = out / "vae_train" / "state.json"
-    return json.loads(stats.read_text()).get("wall_time", 0.0) / 3600 if stats.is_file() else 0.0
+    metrics = out / "vae_train" / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0.0
+    return max(json.loads(line).get("elapsed_s", 0.0) for line in metrics.read_text().splitlines() if line) / 3600
 
 
 def model_card(preset: str, cfg: TrainConfig, report: dict, hours: float, session_seconds: float) -> str:
