@@ -11,8 +11,8 @@ from chromaflow.engine.train_vae import VAETrainConfig, measure_latent_stats, tr
 from chromaflow.models.vae import VAE
 
 TINY = dict(vae=dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4), image_size=32, scene_sizes=(32, 64),
-            batch_size=4, steps=30, lr=2e-3, warmup=3, bf16=False, log_every=1, ckpt_every=10, eval_every=15,
-            eval_images=2, stats_images=16, stats_size=32, final_images=2)
+            batch_size=4, steps=30, lr=2e-3, warmup=3, bf16=False, uniform_backgrounds=False, log_every=1,
+            ckpt_every=10, eval_every=15, eval_images=2, stats_images=16, stats_size=32, final_images=2)
 
 
 def _weights(vae: VAE) -> dict:
@@ -38,6 +38,18 @@ def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("vae")
     vae = train_vae(VAETrainConfig(**TINY), out, progress=False)
     return out, vae
+
+
+def test_batches_are_deterministic_crops():
+    cfg = VAETrainConfig(image_size=32, scene_sizes=(64, 128), batch_size=64)
+    a, b = tv.make_batch(cfg, 7, ShapesDataset(0)), tv.make_batch(cfg, 7, ShapesDataset(0))
+    assert a.shape == (64, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, tv.make_batch(cfg, 8, ShapesDataset(0)))
+    # object crops: almost every crop shows more than one colour (the background alone would be flat)
+    assert sum(bool((img.flatten(1).std(1) > 0.05).any()) for img in a) >= 60
+    # uniform backgrounds: the corner pixels of the 64 crops come in every background colour
+    corners = {tuple(((img[:, 0, 0] + 1) * 127.5).round().int().tolist()) for img in a}
+    assert {(245, 245, 240), (255, 255, 255), (20, 20, 20), (128, 128, 128)} <= corners
 
 
 def test_loss_decreases_and_outputs_written(run):
@@ -92,3 +104,21 @@ def test_resume_after_crash_is_bit_identical(run, tmp_path, monkeypatch):
     assert strip(_metrics(tmp_path)) == strip(_metrics(out))
     with pytest.raises(ValueError, match="lr"):   # a changed recipe cannot silently continue an old run
         train_vae(VAETrainConfig(**{**TINY, "lr": 1e-3}), tmp_path, progress=False)
+
+
+def test_init_starts_from_a_vae_folder(run, tmp_path):
+    out, vae = run
+    start = train_vae(VAETrainConfig(**{**TINY, "steps": 0, "init": str(out / "vae")}), tmp_path, progress=False)
+    a, b = _weights(vae), _weights(start)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_builtin_recipe_chains_its_stages(tmp_path, monkeypatch):
+    first, second = tv.builtin_stages()
+    assert second.init is None and first.steps + second.steps == 11000   # the shipped VAE's recipe
+    tiny = lambda **kw: VAETrainConfig(**{**TINY, "steps": 4, **kw})  # noqa: E731
+    monkeypatch.setattr(tv, "builtin_stages", lambda: [tiny(), tiny(seed=1)])
+    vae = tv.train_builtin_vae(tmp_path, progress=False)
+    state = json.loads((tmp_path / "stage2" / "state" / "trainer.json").read_text())
+    assert state["config"]["init"] == str(tmp_path / "stage1" / "vae")
+    assert VAE.load(tmp_path / "stage2" / "vae").scaling_factor == pytest.approx(vae.scaling_factor)

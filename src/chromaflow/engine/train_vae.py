@@ -2,10 +2,10 @@
 
 Each step: render a batch of crops (item i of step s depends only on (seed, s, i)), encode to the posterior,
 sample it, decode, and minimise L1 + L2 + an edge term (L1 between image gradients, for crisp corners and star
-points) + a tiny KL. The noise of step s comes from a generator seeded by (seed, s), so the checkpoint holds only weights,
-optimizer moments and the step counter, and a resumed run ends bit-identical to an uninterrupted one.
-At the end the latent mean/std over held-out images become `shift_factor`/`scaling_factor`, so the
-diffusion model sees latents with zero mean and unit std.
+points) + a tiny KL. The noise of step s comes from a generator seeded by (seed, s), so the checkpoint holds
+only weights, optimizer moments and the step counter, and a resumed run ends bit-identical to an uninterrupted
+one. At the end the latent mean/std over held-out images become `shift_factor`/`scaling_factor`, so the
+diffusion model sees latents with zero mean and unit std. `builtin_stages` is the recipe of the shipped VAE.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
 from ..models.vae import VAE, small_vae_config
-from .shapes import ShapesDataset, render, to_tensor
+from .shapes import BACKGROUNDS, ShapesDataset, render, to_tensor
 
 EVAL_SEED_OFFSET = 1_000_003   # held-out images: dataset seed + offset, a stream training never draws from
+BACKGROUNDS_LIST = tuple(BACKGROUNDS)
 _INTERVAL_FIELDS = {"log_every", "ckpt_every", "eval_every"}   # may change on resume; nothing else may
 
 
@@ -42,6 +43,9 @@ class VAETrainConfig:
     image_size: int = 64                # training crop side (convs are translation equivariant: use at any size)
     scene_sizes: tuple = (64, 128, 256) # each item renders its scene at one of these sizes, then crops image_size
     object_crops: bool = True           # crop around an object (else anywhere)
+    # every background equally often (the world draws "default" 3 times in 4). Norms make a flat crop's features
+    # blind to its brightness, so near-collinear colours (white vs default) need many examples to keep apart
+    uniform_backgrounds: bool = True
     batch_size: int = 16
     steps: int = 7000
     lr: float = 1e-3
@@ -55,6 +59,7 @@ class VAETrainConfig:
     l2_weight: float = 1.0              # PSNR is an L2 metric: punish the rare large colour errors
     bf16: bool = True                   # autocast the convs to bf16 (CPU with AVX-512 bf16, or GPU)
     seed: int = 0
+    init: str | None = None             # start from this VAE folder's weights (a fine-tuning stage)
     log_every: int = 10
     ckpt_every: int = 500
     eval_every: int = 500
@@ -93,6 +98,8 @@ def make_batch(cfg: VAETrainConfig, step: int, data: ShapesDataset) -> Tensor:
         else:
             centre = rng.uniform(s / 2, size - s / 2, size=2)
         x, y = (int(np.clip(round(c - s / 2), 0, size - s)) for c in centre)
+        if cfg.uniform_backgrounds:
+            scene.background = BACKGROUNDS_LIST[int(rng.integers(len(BACKGROUNDS_LIST)))]
         items.append(to_tensor(render(scene, size))[:, y:y + s, x:x + s])
     return torch.stack(items)
 
@@ -161,21 +168,22 @@ def comparison_image(originals: Tensor, recons: Tensor) -> Image.Image:
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
-def save_state(folder: Path, step: int, vae: VAE, opt: torch.optim.Optimizer, cfg: VAETrainConfig) -> None:
+def save_state(folder: Path, step: int, vae: VAE, opt: torch.optim.Optimizer, cfg: VAETrainConfig,
+               elapsed_s: float = 0.0) -> None:
     """One safetensors file (weights + Adam moments, meta in its header) written atomically, and a JSON copy of
     the meta for people. The safetensors header is the truth, so a crash between the two writes is harmless."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = opt.state_dict()
     tensors = {f"model.{k}": v for k, v in vae.ae.state_dict().items()}
     tensors |= {f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
-    meta = {"step": step, "config": cfg.to_json(), "param_groups": sd["param_groups"]}
+    meta = {"step": step, "elapsed_s": round(elapsed_s, 1), "config": cfg.to_json(), "param_groups": sd["param_groups"]}
     save_checkpoint(tensors, folder / "trainer.safetensors", metadata={"trainer": json.dumps(meta)})
     with atomic_write(folder / "trainer.json", "w") as f:
         json.dump(meta, f, indent=1)
 
 
-def load_state(folder: Path, vae: VAE, opt: torch.optim.Optimizer, cfg: VAETrainConfig) -> int:
-    """Restore weights and optimizer from `folder`; returns the step to continue from."""
+def load_state(folder: Path, vae: VAE, opt: torch.optim.Optimizer, cfg: VAETrainConfig) -> dict:
+    """Restore weights and optimizer from `folder`; returns the meta (step to continue from, elapsed_s)."""
     path = folder / "trainer.safetensors"
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["trainer"])
@@ -190,7 +198,7 @@ def load_state(folder: Path, vae: VAE, opt: torch.optim.Optimizer, cfg: VAETrain
             index, name = key[len("optimizer."):].split(".", 1)
             state.setdefault(int(index), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"])
+    return meta
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -222,12 +230,15 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
     vae.ae.disable_slicing()   # a training batch runs as one; VAE's one-at-a-time slicing is for inference
     vae.to(memory_format=torch.channels_last)   # oneDNN's preferred layout: ~1.2x faster CPU convs
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
+    step, elapsed = 0, 0.0   # elapsed: training seconds over all sessions of this run
     if resume and (state_dir / "trainer.safetensors").exists():
-        step = load_state(state_dir, vae, opt, cfg)
+        meta = load_state(state_dir, vae, opt, cfg)
+        step, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
         _truncate_metrics(metrics, step)
     else:
         metrics.unlink(missing_ok=True)
+        if cfg.init:
+            vae.ae.load_state_dict(VAE.load(cfg.init).ae.state_dict())
 
     data = ShapesDataset(cfg.seed)
     eval_size = max(cfg.scene_sizes)
@@ -256,20 +267,21 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, **{k: round(v.item(), 6) for k, v in losses.items()},
                       "grad_norm": round(grad_norm.item(), 4), "lr": lr_at(cfg, step - 1),
-                      "images_per_s": round(ips, 2), "elapsed_s": round(time.perf_counter() - start, 1)}
+                      "images_per_s": round(ips, 2), "elapsed_s": round(elapsed + time.perf_counter() - start, 1)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             vae.eval()
-            record = (record or {"step": step}) | {"eval_psnr": round(psnr(reconstruct(vae, eval_batch), eval_batch), 3)}
+            score = psnr(reconstruct(vae, eval_batch), eval_batch)
+            record = (record or {"step": step}) | {"eval_psnr": round(score, 3)}
             bar.write(f"step {step}: eval PSNR {record['eval_psnr']:.2f} dB at {eval_size} px")
         if record:
             _append_jsonl(metrics, record)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_state(state_dir, step, vae, opt, cfg)
+            save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
     bar.close()
-    return finalize(vae, cfg, out_dir)
+    return finalize(vae, cfg, out_dir, elapsed + time.perf_counter() - start)
 
 
-def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path) -> VAE:
+def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path, train_seconds: float = 0.0) -> VAE:
     """Measure and write the latent normalisation, save the VAE, a comparison image and a summary."""
     vae.eval().ae.enable_slicing()
     stats_data = ShapesDataset(cfg.seed + EVAL_SEED_OFFSET, cfg.stats_size, as_tensor=True)
@@ -285,10 +297,28 @@ def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path) -> VAE:
         summary[f"psnr_{size}"] = round(psnr(recons, originals), 3)
     with atomic_write(out_dir / "reconstructions.png") as f:
         comparison_image(originals[:8], recons[:8]).save(f, format="PNG")
-    summary |= {"latent_mean": mean, "latent_std": std,
-               "shift_factor": mean, "scaling_factor": 1.0 / std,
-               "parameters": sum(p.numel() for p in vae.parameters()), "threads": torch.get_num_threads(),
-               "config": cfg.to_json()}
+    summary |= {"latent_mean": mean, "latent_std": std, "shift_factor": mean, "scaling_factor": 1.0 / std,
+                "parameters": sum(p.numel() for p in vae.parameters()), "train_seconds": round(train_seconds, 1),
+                "threads": torch.get_num_threads(), "config": cfg.to_json()}
     with atomic_write(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return vae
+
+
+# --- the built-in model's VAE ---------------------------------------------------------------------------------
+
+def builtin_stages() -> list[VAETrainConfig]:
+    """The recipe of the shipped VAE (~25 min on 2 CPU cores): 7000 steps from scratch on the world's own
+    background mix, then 4000 steps on fresh scenes (seed 1) with every background equally often, which taught
+    it white from the default off-white. Stage 2's `init` is stage 1's output folder."""
+    return [VAETrainConfig(uniform_backgrounds=False),
+            VAETrainConfig(seed=1, steps=4000, lr=5e-4, warmup=100, uniform_backgrounds=True)]
+
+
+def train_builtin_vae(out_dir: str | Path, progress: bool = True) -> VAE:
+    """Run both stages into out_dir/stage1 and out_dir/stage2 (each resumable); the VAE is out_dir/stage2/vae."""
+    out_dir = Path(out_dir)
+    first, second = builtin_stages()
+    train_vae(first, out_dir / "stage1", progress)
+    second.init = str(out_dir / "stage1" / "vae")
+    return train_vae(second, out_dir / "stage2", progress)

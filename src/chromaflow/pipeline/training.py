@@ -26,7 +26,7 @@ SAMPLE_PROMPTS = ["a red circle", "a blue square above a yellow star", "two gree
 # VAE stage settings (engine.train_vae.VAETrainConfig fields) and the DiT stage (TrainConfig fields)
 PRESETS: dict[str, dict] = {
     "default": {
-        "vae": {},  # engine.train_vae.VAETrainConfig's defaults are the built-in VAE's recipe
+        "vae": "builtin",  # engine.train_vae.train_builtin_vae: two stages, ~25 min
         "train": {
             "name": "default",
             "model": {"preset": "default"},
@@ -40,6 +40,21 @@ PRESETS: dict[str, dict] = {
             "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 4.0},
         },
         "eval": {"n_per_category": 50},
+    },
+    "quick": {  # about an hour: the first, shorter run of the default recipe
+        "vae": "builtin",
+        "train": {
+            "name": "quick",
+            "model": {"preset": "default"},
+            "text_encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
+            "data": {"kind": "shapes", "seed": 0},
+            "stages": [{"steps": 900, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
+                       {"steps": 250, "size": 256, "batch_size": 32}],
+            "lr": 5e-4, "warmup_steps": 100, "ema_decay": 0.998, "caption_dropout": 0.1,
+            "timesteps": "chroma", "checkpoint_every": 100, "sample_every": 300,
+            "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 4.0},
+        },
+        "eval": {"n_per_category": 20},
     },
     "tiny": {  # every stage of the recipe in seconds, for tests
         "vae": {"vae": {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 1},
@@ -100,10 +115,15 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     if not cfg.vae:
         if "vae" not in spec:
             raise ValueError("the config names no `vae` folder and has no `vae` training stage")
-        cfg.vae = str(out / "vae_train" / "vae")
-        if not (out / "vae_train" / "vae" / "config.json").is_file():
-            from ..engine.train_vae import VAETrainConfig, train_vae
-            train_vae(VAETrainConfig(**spec["vae"]), out / "vae_train", resume=resume, progress=progress)
+        from ..engine.train_vae import VAETrainConfig, train_builtin_vae, train_vae
+        if spec["vae"] == "builtin":  # the shipped VAE's two-stage recipe
+            cfg.vae = str(out / "vae_train" / "stage2" / "vae")
+            if not Path(cfg.vae, "config.json").is_file():
+                train_builtin_vae(out / "vae_train", progress=progress)
+        else:
+            cfg.vae = str(out / "vae_train" / "vae")
+            if not Path(cfg.vae, "config.json").is_file():
+                train_vae(VAETrainConfig(**spec["vae"]), out / "vae_train", resume=resume, progress=progress)
     model = train(cfg, out / "dit", resume=resume, progress=progress, stop_after=stop_after,
                   preview=lambda m, vae, path: preview_grid(m, vae, path, cfg.defaults))
     ckpt = latest_checkpoint(out / "dit")
@@ -122,10 +142,12 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
 
 
 def _vae_hours(out: Path) -> float:
-    metrics = out / "vae_train" / "metrics.jsonl"
-    if not metrics.is_file():
-        return 0.0
-    return max(json.loads(line).get("elapsed_s", 0.0) for line in metrics.read_text().splitlines() if line) / 3600
+    """Training time of every VAE stage, from the last `elapsed_s` of each metrics log."""
+    total = 0.0
+    for metrics in (out / "vae_train").rglob("metrics.jsonl"):
+        total += max((json.loads(line).get("elapsed_s", 0.0) for line in metrics.read_text().splitlines() if line),
+                     default=0.0)
+    return total / 3600
 
 
 def model_card(preset: str, cfg: TrainConfig, report: dict, hours: float, session_seconds: float) -> str:
