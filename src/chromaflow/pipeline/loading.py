@@ -75,11 +75,13 @@ def load_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) ->
 def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None,
                 dtype: torch.dtype | None = None) -> Path:
     """Write `pipe` as a chromaflow model folder that `load` reads back (model.json written last); `dtype`
-    (e.g. bfloat16) stores the transformer's weights in that precision, which is what it then runs in."""
+    (e.g. bfloat16) stores the transformer's and text encoder's weights in that precision, which they then run in."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(dtype) if dtype is not None else v for k, v in pipe.transformer.state_dict().items()}
     save_transformer(state, folder / "transformer.safetensors", params=pipe.transformer.params, title=pipe.name)
+    if dtype is not None:
+        pipe.text_encoder.to(dtype)  # exporting: the pipeline's own encoder is converted too
     pipe.text_encoder.save(folder / "text_encoder")
     pipe.vae.save(folder / "vae")
     if card is not None:
