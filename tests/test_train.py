@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chromaflow.engine.train import TrainConfig, lr_at, parameter_groups, train
+from chromaflow.engine.train import TrainConfig, build_models, lr_at, parameter_groups, train
 from chromaflow.models.transformer import build
 from chromaflow.models.vae import VAE, small_vae_config
 
@@ -98,10 +98,21 @@ def test_two_process_ddp_keeps_ranks_identical(vae_dir, tmp_path):
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    decay, no_decay = parameter_groups(build("tiny"), 0.1)
+    no_decay, decay = parameter_groups(build("tiny"), 0.1)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert len(no_decay["params"]) > 0
+    assert len(no_decay["params"]) > 0 and not decay["text"]
+
+
+def test_text_encoder_stays_frozen_for_its_steps_then_trains(vae_dir, tmp_path):
+    cfg = tiny_config(vae_dir, steps=4, text_encoder_frozen_steps=2, ema_decay=0.0)
+    torch.manual_seed(cfg.seed)
+    _, initial, _ = build_models(cfg)
+    text = lambda model: {k: v.clone() for k, v in model.text_encoder.state_dict().items()}  # noqa: E731
+    frozen = train(cfg, tmp_path / "run", progress=False, stop_after=2)
+    assert all(torch.equal(v, initial.state_dict()[k]) for k, v in text(frozen).items())
+    trained = train(cfg, tmp_path / "run", progress=False)
+    assert not all(torch.equal(v, initial.state_dict()[k]) for k, v in text(trained).items())
 
 
 def test_lr_warms_up_then_decays_by_cosine():

@@ -52,6 +52,10 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: {"preset": "default"})  # preset name + MMDiTParams overrides
     text_encoder: dict = field(default_factory=dict)  # ByteTextEncoderConfig fields, or {"path": T5 folder}
     train_text_encoder: bool = True
+    # a text encoder trained from scratch first stays frozen (its random features are diverse) while the DiT learns
+    # to read them, then trains at text_encoder_lr * lr: from the start, it collapses to a caption-independent output
+    text_encoder_frozen_steps: int = 0
+    text_encoder_lr: float = 1.0
     vae: str = ""  # VAE folder
     data: dict = field(default_factory=lambda: {"kind": "shapes", "seed": 0})
     stages: list = field(default_factory=lambda: [{"steps": 1000, "size": 256, "batch_size": 32}])
@@ -155,12 +159,15 @@ def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norm scales and other vectors are left alone."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """Weight decay on matrices only (biases, norm scales and other vectors are left alone); the text encoder's
+    parameters in groups of their own (`"text": True`) for their learning-rate multiplier."""
+    groups = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            key = (name.startswith("text_encoder."), p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "text": text}
+            for (text, decay), params in sorted(groups.items())]
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -308,8 +315,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         while step < end:
             size, batch_size = cfg.shape_at(step)
             lr = lr_at(cfg, step)
+            text_lr = 0.0 if step < cfg.text_encoder_frozen_steps else lr * cfg.text_encoder_lr
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = text_lr if group["text"] else lr
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 gen = step_generator(cfg, step, micro, rank)

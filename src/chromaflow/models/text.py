@@ -132,7 +132,7 @@ class ByteTextEncoder(nn.Module):
         self.blocks = nn.ModuleList(_Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, config.out_dim)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=1.0)  # unit-scale bytes: small ones let the encoder collapse to a constant
         nn.init.normal_(self.pos, std=0.02)
 
     @property

@@ -32,9 +32,10 @@ PRESETS: dict[str, dict] = {
             "model": {"preset": "default"},
             "text_encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
             "data": {"kind": "shapes", "seed": 0},
+            "text_encoder_frozen_steps": 400, "text_encoder_lr": 0.5,
             # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only
-            "stages": [{"steps": 5000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
-                       {"steps": 3000, "size": 256, "batch_size": 32}],
+            "stages": [{"steps": 4000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
+                       {"steps": 1500, "size": 256, "batch_size": 32}],
             "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "caption_dropout": 0.1,
             "timesteps": "chroma", "checkpoint_every": 250, "sample_every": 500,
             "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 4.0},
