@@ -361,12 +361,13 @@ class MMDiT(nn.Module):
     # forward ---------------------------------------------------------------------------------------------------
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 txt_mask: Tensor | None = None, guidance: Tensor | None = None, y: Tensor | None = None,
-                mods: Modulations | None = None, drop_masked: bool = True) -> Tensor:
+                mods: Modulations | None = None, drop_masked: bool = True, cache=None) -> Tensor:
         """Predict the velocity for packed latents `img`.
 
         txt_mask (B, L_txt) bool marks visible text tokens (Chroma: real + EOS + one pad); image tokens are always
         visible. Hidden tokens are never attended to, so they cannot influence the image: with `drop_masked` they
         are removed from the sequence up front (exact, and far cheaper than attending over 512 padded slots).
+        `cache` (models.step_cache.StepCache) may skip most blocks on steps whose input barely changed.
         """
         if mods is None:
             mods = self.modulations(timesteps, guidance, y)
@@ -379,13 +380,22 @@ class MMDiT(nn.Module):
         if txt_mask is not None:
             key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], 1)
 
+        if cache is None:
+            img = self.blocks(img, txt, mods, pe, key_mask)
+        else:
+            img = cache(self, img, txt, mods, pe, key_mask)
+        return self.final_layer(img, mods.final)
+
+    def blocks(self, img: Tensor, txt: Tensor, mods: Modulations, pe: Tensor, key_mask: Tensor | None,
+               start: int = 0) -> Tensor:
+        """Double blocks from number `start` on, then every single block; returns the image stream."""
         run = self._checkpointed if self.gradient_checkpointing and self.training else (lambda f, *a: f(*a))
-        for block, (img_mod, txt_mod) in zip(self.double_blocks, mods.double):
+        for block, (img_mod, txt_mod) in list(zip(self.double_blocks, mods.double))[start:]:
             img, txt = run(block, img, txt, img_mod, txt_mod, pe, key_mask)
         x = torch.cat([txt, img], 1)
         for block, mod in zip(self.single_blocks, mods.single):
             x = run(block, x, mod, pe, key_mask)
-        return self.final_layer(x[:, txt.shape[1]:], mods.final)
+        return x[:, txt.shape[1]:]
 
     @staticmethod
     def _checkpointed(fn, *args):
