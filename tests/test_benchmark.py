@@ -48,3 +48,12 @@ def test_quick_suite_reports_every_figure_with_ratios():
     assert report["train"]["ours_sps"] > 0 and report["train"]["peer_sps"] > 0
     assert report["txt2img"]["pixel_mean_abs_diff"] < 1.0  # same noise, same weights: the same image
     assert "| txt2img" in benchmark.table(report)
+
+
+def test_bench_command_prints_one_json_object(capsys):
+    import json
+
+    from chromaflow.cli import main
+    assert main(["bench", "--quick", "--no-peer", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["txt2img"]["ours_s"] > 0 and report["txt2img"]["peer_s"] is None

@@ -60,3 +60,15 @@ def test_bad_settings_name_the_valid_ones():
         StepCache("fast")
     with pytest.raises(ValueError, match="threshold"):
         StepCache("fbc", -1)
+
+
+def test_pipeline_cache_option_reports_full_passes_and_threshold_zero_is_exact():
+    from chromaflow.pipeline.loading import random_pipeline
+    pipe = random_pipeline("tiny")
+    settings = dict(width=64, height=64, steps=6, cfg=3.0, seed=1, progress=False)
+    plain = pipe("a red circle", **settings)
+    exact = pipe("a red circle", cache="fbc", cache_threshold=0.0, **settings)
+    assert torch.equal(exact.latents, plain.latents) or torch.allclose(exact.latents, plain.latents, atol=1e-5)
+    assert exact.settings["cache"]["full_passes"] == 6
+    loose = pipe("a red circle", cache="teacache", cache_threshold=1e9, **settings)
+    assert loose.settings["cache"] == {"method": "teacache", "threshold": 1e9, "calls": 6, "full_passes": 1}

@@ -31,14 +31,19 @@ def tiny_config(vae_dir, steps=6, **kw) -> TrainConfig:
                        checkpoint_every=2, log_every=1, **kw)
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical(vae_dir, tmp_path):
-    cfg = tiny_config(vae_dir)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_interrupted_and_resumed_run_ends_bit_identical(vae_dir, tmp_path, optimizer):
+    cfg = tiny_config(vae_dir, optimizer=optimizer)
     straight = train(cfg, tmp_path / "a", progress=False).state_dict()
     train(cfg, tmp_path / "b", progress=False, stop_after=3)  # checkpoint at step 3, then "crash"
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
     resumed = train(cfg, tmp_path / "b", progress=False).state_dict()
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    if optimizer == "adamw8bit":  # its moments really are stored in 8 bits
+        from safetensors.torch import load_file
+        moments = load_file(next((tmp_path / "b").glob("ckpt-*")) / "optimizer.safetensors")
+        assert any(v.dtype == torch.uint8 for v in moments.values())
     # and the run really trained: weights moved away from the initialisation
     torch.manual_seed(cfg.seed)
     init = build("tiny").state_dict()

@@ -10,6 +10,7 @@ gets 512 slots with that mask (the `*_short` figures give it only the visible to
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -169,8 +170,10 @@ def peer_pipeline(pipe, ref=None):
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    peer = ChromaPipeline(scheduler=scheduler, vae=pipe.vae.ae, text_encoder=None, tokenizer=None,
-                          transformer=ref if ref is not None else peer_transformer(pipe.transformer))
+    ref = ref if ref is not None else peer_transformer(pipe.transformer)
+    dtype = next(ref.parameters()).dtype  # a diffusers user loads the whole pipeline in one torch_dtype
+    vae = pipe.vae.ae if next(pipe.vae.parameters()).dtype == dtype else copy.deepcopy(pipe.vae.ae).to(dtype)
+    peer = ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=ref)
     peer.set_progress_bar_config(disable=True)
     return peer
 
@@ -186,7 +189,7 @@ def bench_txt2img(pipe, prompt: str, size: int, steps: int, cfg: float, repeats:
         result["gen"] = pipe(prompt, **settings)
     out["ours"] = measure(ours, repeats)
     prompts = [prompt] + ([""] if cfg != 1 else [])
-    out["text_encode"] = measure(lambda: pipe.encode_prompts(prompts), repeats)
+    out["text_encode"] = measure(lambda: (pipe.text_cache.clear(), pipe.encode_prompts(prompts)), repeats)
     latents = result["gen"].latents
     out["vae_decode"] = measure(lambda: pipe.decode(latents), repeats)
     out["sampling"] = out["ours"]["median"] - out["text_encode"]["median"] - out["vae_decode"]["median"]

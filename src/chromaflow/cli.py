@@ -22,8 +22,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _sampler_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers and booleans; anything else stays a string
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="chromaflow", description="Chroma-family text-to-image: generate, inspect.")
+    ap = argparse.ArgumentParser(prog="chromaflow", description="Chroma-family text-to-image: generate, train, evaluate, benchmark, inspect.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image", description="Generate images from a prompt. Unset options "
@@ -38,9 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale; 1 disables the negative pass")
     g.add_argument("--seed", type=int, help="image i uses seed + i (default: random)")
     g.add_argument("--batch", type=_positive, default=1, help="number of images")
-    g.add_argument("--sampler", help="sampler name (default euler)")
-    g.add_argument("--scheduler", help="schedule name (default simple)")
+    g.add_argument("--sampler", help="sampler: euler, euler_ancestral, heun, dpmpp_2m, uni_pc, ... or an A1111 name "
+                   "such as 'Euler a' or 'DPM++ 2M Karras' (default: the model's, euler)")
+    g.add_argument("--scheduler", help="schedule: simple, normal, sgm_uniform, ddim_uniform, beta, karras, "
+                   "exponential, kl_optimal (default: the model's, simple)")
     g.add_argument("--shift", type=float, help="fixed timestep shift; default: Flux's resolution-dependent shift")
+    g.add_argument("--cfg-mode", help="how cond and uncond combine: cfg (default), apg, cfg_zero_star")
+    g.add_argument("--cfg-rescale", type=float, help="CFG rescale phi in [0, 1] (default 0: off)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="apply guidance only for t in [LO, HI] (t = 1 is noise); elsewhere one conditional pass")
+    g.add_argument("--apg-eta", type=float, help="APG: weight of the guidance parallel to the prediction (default 1)")
+    g.add_argument("--apg-norm-threshold", type=float, help="APG: clip the guidance norm (default 0: off)")
+    g.add_argument("--apg-momentum", type=float, help="APG: momentum in (-1, 1) (default 0)")
+    g.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE", type=_sampler_option,
+                   help="a sampler keyword, repeatable: eta=0.5, s_noise=1.0, order=2, variant=bh2, ...")
+    g.add_argument("--cache", choices=["fbc", "teacache"],
+                   help="step caching: skip most of the transformer on steps whose input barely changed "
+                   "(fbc: First Block Cache; teacache: TeaCache)")
+    g.add_argument("--cache-threshold", type=float,
+                   help="relative change under which a step reuses the cache (defaults: fbc 0.1, teacache 0.3); "
+                   "higher is faster and less faithful")
     g.add_argument("--model", default="default", help="built-in name (default, tiny) or a model folder / file path")
     g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
@@ -72,7 +99,29 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", nargs="?", help="safetensors file, sharded index, or model folder")
     i.add_argument("--preset", help="describe a preset instead (built on the meta device, no memory)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    b = sub.add_parser("bench", help="benchmark against diffusers on the same weights",
+                       description="Matmul peak, transformer forward (with MFU), end-to-end txt2img and training "
+                       "samples/s, each side by side with diffusers' Chroma implementation holding the same weights; "
+                       "min/median/max over repeats. Use the machine otherwise idle: figures are ratios, but a busy "
+                       "CPU still skews them.")
+    b.add_argument("--model", default="default", help="built-in model name or model folder (default: default)")
+    b.add_argument("--quick", action="store_true", help="tiny random model and sizes: a smoke run of seconds")
+    b.add_argument("--repeats", type=_positive, help="timed runs per figure after one warm-up (default 3; quick 2)")
+    b.add_argument("--no-peer", action="store_true", help="skip diffusers (ours only)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    b.add_argument("--out", help="also write the JSON report to this file")
     return ap
+
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+    log = (lambda s: None) if args.json else (lambda s: print(f"... {s}", file=sys.stderr))
+    report = benchmark.run(args.model, quick=args.quick, repeats=args.repeats, peer=not args.no_peer, log=log)
+    if args.out:
+        Path(args.out).write_text(benchmark.dumps(report))
+    print(benchmark.dumps(report) if args.json else benchmark.table(report))
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -82,7 +131,10 @@ def cmd_generate(args) -> int:
     pipe = load(args.model, text_encoder=args.text_encoder, vae=args.vae)
     result = pipe(args.prompt, negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg=args.cfg, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
-                  scheduler=args.scheduler, shift=args.shift, progress=not args.quiet)
+                  scheduler=args.scheduler, shift=args.shift, cfg_mode=args.cfg_mode, cfg_rescale=args.cfg_rescale,
+                  cfg_interval=args.cfg_interval, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
+                  apg_momentum=args.apg_momentum, sampler_options=dict(args.sampler_option), cache=args.cache,
+                  cache_threshold=args.cache_threshold, progress=not args.quiet)
     out = Path(args.output)
     for n, image in enumerate(result.images):
         path = out if n == 0 else out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}")
@@ -149,7 +201,9 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        commands = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
+                    "bench": cmd_bench}
+        return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chromaflow {args.command}: error: {message}", file=sys.stderr)

@@ -1,85 +1,119 @@
-"""Schedules, samplers and guidance for rectified flow (sigma == t; t = 1 is noise, t = 0 is data).
+"""The front door to sampling: names -> functions, `schedule(...)`, `sample(...)`, and the pieces callers import.
 
-A denoiser is any callable `denoise(x, t) -> x0_hat` with `t` a scalar tensor; the velocity is
-`v = (x - x0_hat) / t`. Every sampler is one function `sampler(denoise, x, sigmas, callback=None) -> x`
-(the k-diffusion shape), registered by name in SAMPLERS; schedules likewise in SCHEDULERS.
+The implementations live beside it: schedules.py (t schedules and shifts), samplers.py (one function per sampler),
+guidance.py (CFG and its variants). Our names are ComfyUI's `sampler_name` / `scheduler` strings; A1111 / Forge
+labels ("Euler a", "DPM++ 2M", "Karras"), k-diffusion aliases ("k_dpmpp_2m") and combined A1111 names
+("DPM++ 2M Karras" = sampler + scheduler) resolve to the same functions via resolve_sampler / resolve_scheduler.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+import inspect
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-# callback(step, t, x, x0_hat); raising from it stops sampling
-StepCallback = Callable[[int, float, Tensor, Tensor], None]
+from .guidance import CFG_MODES, Guidance, GuidedDenoiser, cfg_denoiser
+from .samplers import SAMPLERS, Denoiser, Generator, StepCallback, randn_like, sample_euler
+from .schedules import SCHEDULERS, SHIFT_IGNORED, T_MIN, flux_mu, resolve_shift, shift_time
+
+__all__ = ["CFG_MODES", "Guidance", "GuidedDenoiser", "cfg_denoiser", "SAMPLERS", "SCHEDULERS", "SHIFT_IGNORED",
+           "T_MIN", "flux_mu", "resolve_shift", "shift_time", "sample_euler", "randn_like", "schedule", "sample",
+           "check_name", "sampler_options", "resolve_sampler", "resolve_scheduler", "A1111_SAMPLERS",
+           "A1111_SCHEDULERS"]
+
+# A1111 / Forge display names -> ours (ComfyUI's). Servers list these; resolve_* accept them in any case.
+A1111_SAMPLERS = {
+    "Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2", "DPM2 a": "dpm_2_ancestral",
+    "DPM++ 2S a": "dpmpp_2s_ancestral", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun", "DPM++ 3M SDE": "dpmpp_3m_sde", "LMS": "lms", "IPNDM": "ipndm",
+    "DEIS": "deis", "UniPC": "uni_pc", "LCM": "lcm", "DDIM": "ddim", "DDIM CFG++": "euler_cfg_pp",
+    "Euler CFG++": "euler_cfg_pp", "DPM++ 2M CFG++": "dpmpp_2m_cfg_pp", "Restart": "restart",
+    "RES Multistep": "res_multistep",
+}
+A1111_SCHEDULERS = {
+    "Uniform": "normal", "Simple": "simple", "Normal": "normal", "SGM Uniform": "sgm_uniform", "DDIM": "ddim_uniform",
+    "Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal",
+}
+_OTHER_SAMPLER_ALIASES = {  # k-diffusion / A1111 short aliases; ComfyUI's *_gpu variants (our noise is always CPU)
+    "k_euler": "euler", "k_euler_a": "euler_ancestral", "k_euler_ancestral": "euler_ancestral", "k_heun": "heun",
+    "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_ancestral", "k_dpmpp_2s_a": "dpmpp_2s_ancestral", "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_2m_sde": "dpmpp_2m_sde", "k_dpmpp_3m_sde": "dpmpp_3m_sde", "k_lms": "lms",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+}
+AUTOMATIC = "automatic"  # A1111's scheduler "Automatic": the model's default
 
 
-# --- shifts ---------------------------------------------------------------------------------------------------
-
-def flux_mu(num_tokens: int, base_tokens: int = 256, max_tokens: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """Flux's resolution-dependent mu: linear in packed token count through (256, 0.5) and (4096, 1.15)."""
-    return base_shift + (max_shift - base_shift) * (num_tokens - base_tokens) / (max_tokens - base_tokens)
+def _key(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def shift_time(t: Tensor, shift: float) -> Tensor:
-    """SD3 shift t' = a t / (1 + (a - 1) t); Flux's time_shift(mu, 1, t) is the same with a = e^mu."""
-    return shift * t / (1 + (shift - 1) * t)
+def _lookup(registry: dict, *aliases: dict) -> dict[str, str]:
+    table = {_key(name): name for name in registry}
+    for alias in aliases:
+        table.update({_key(k): v for k, v in alias.items()})
+    return table
 
 
-def resolve_shift(shift: float | None, num_tokens: int) -> float:
-    """A fixed shift if given, else Flux's dynamic shift e^mu(num_tokens)."""
-    return float(shift) if shift is not None else math.exp(flux_mu(num_tokens))
+_SAMPLER_KEYS = _lookup(SAMPLERS, A1111_SAMPLERS, _OTHER_SAMPLER_ALIASES)
+_SCHEDULER_KEYS = _lookup(SCHEDULERS, A1111_SCHEDULERS)
 
 
-# --- schedules: steps -> descending t of length steps + 1, ending at 0 ---------------------------------------
+def check_name(name: str, registry: dict, kind: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(registry)}")
+    return name
 
-def simple_schedule(steps: int, shift: float) -> Tensor:
-    """Linear t from 1 to 0, shifted (Flux / Chroma default)."""
-    return shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).float()
+
+def resolve_sampler(name: str) -> tuple[str, str | None]:
+    """(our sampler name, the scheduler a combined A1111 name carries or None): "DPM++ 2M Karras" ->
+    ("dpmpp_2m", "karras"), "Euler a" -> ("euler_ancestral", None)."""
+    key = _key(name)
+    if key in _SAMPLER_KEYS:
+        return _SAMPLER_KEYS[key], None
+    for scheduler_key, scheduler in _SCHEDULER_KEYS.items():
+        head = key.removesuffix(" " + scheduler_key)
+        if head != key and head in _SAMPLER_KEYS:
+            return _SAMPLER_KEYS[head], scheduler
+    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)} "
+                     f"(A1111 names such as 'Euler a' or 'DPM++ 2M Karras' work too)")
 
 
-SCHEDULERS: dict[str, Callable[[int, float], Tensor]] = {"simple": simple_schedule, "normal": simple_schedule}
+def resolve_scheduler(name: str) -> str | None:
+    """Our scheduler name for a ComfyUI / A1111 one; None for "Automatic" (use the model's default)."""
+    key = _key(name)
+    if key == AUTOMATIC:
+        return None
+    if key not in _SCHEDULER_KEYS:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+    return _SCHEDULER_KEYS[key]
 
 
 def schedule(steps: int, scheduler: str = "simple", shift: float = 1.0) -> Tensor:
+    """Descending t of length steps + 1 ending at 0 from a named schedule, with the shift applied on top."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return SCHEDULERS[check_name(scheduler, SCHEDULERS, "scheduler")](steps, shift)
 
 
-# --- samplers -------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None) -> Tensor:
-    """First-order Euler on dx/dt = v: x <- x + (t_next - t) v."""
-    for i in range(len(sigmas) - 1):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise(x, t)
-        if callback is not None:
-            callback(i, float(t), x, x0)
-        x = x0 if t_next == 0 else x + (t_next - t) * (x - x0) / t
-    return x
-
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": sample_euler}
-
-
-def check_name(name: str, registry: dict, kind: str) -> str:
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
-    return name
+def sampler_options(sampler: str) -> list[str]:
+    """The options a sampler takes beyond the common signature (eta, s_noise, order, ...)."""
+    common = {"denoise", "x", "sigmas", "callback", "generator"}
+    return [p for p in inspect.signature(SAMPLERS[sampler]).parameters if p not in common]
 
 
 def sample(sampler: str, denoise: Denoiser, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None,
-           progress: bool = True) -> Tensor:
-    """Run a named sampler with a tqdm bar over its steps."""
+           progress: bool = True, generator: Generator = None, **options) -> Tensor:
+    """Run a named sampler with a tqdm bar over its steps. `generator` reaches stochastic samplers only; `options`
+    are the sampler's own keywords (sampler_options(name))."""
     fn = SAMPLERS[check_name(sampler, SAMPLERS, "sampler")]
+    unknown = set(options) - set(sampler_options(sampler))
+    if unknown:
+        raise ValueError(f"{sampler} has no option {', '.join(sorted(unknown))}; "
+                         f"its options: {', '.join(sampler_options(sampler)) or 'none'}")
+    if fn.stochastic:
+        options["generator"] = generator
     bar = tqdm(total=len(sigmas) - 1, desc=sampler, disable=not progress, leave=False)
 
     def step(i, t, x_, x0):
@@ -88,24 +122,6 @@ def sample(sampler: str, denoise: Denoiser, x: Tensor, sigmas: Tensor, callback:
             callback(i, t, x_, x0)
 
     try:
-        return fn(denoise, x, sigmas, callback=step)
+        return fn(denoise, x, sigmas, callback=step, **options)
     finally:
         bar.close()
-
-
-# --- guidance -------------------------------------------------------------------------------------------------
-
-def cfg_denoiser(velocity: Callable[[Tensor, Tensor], Tensor], cfg: float) -> Denoiser:
-    """Classifier-free guidance around `velocity(x, t) -> v`, whose batch rows are [cond] or [cond; uncond].
-
-    cond and uncond run as one batch; cfg == 1 skips the unconditional half entirely.
-    v = v_uncond + cfg (v_cond - v_uncond); returned as x0_hat = x - t v.
-    """
-    def denoise(x: Tensor, t: Tensor) -> Tensor:
-        if cfg == 1:
-            v = velocity(x, t)
-        else:
-            v_cond, v_uncond = velocity(torch.cat([x, x]), t).chunk(2)
-            v = v_uncond + cfg * (v_cond - v_uncond)
-        return x - t * v.to(x.dtype)
-    return denoise

@@ -73,6 +73,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.99)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, 8-bit moments: 4x less optimizer memory)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = True
@@ -170,6 +171,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             for (text, decay), params in sorted(groups.items())]
 
 
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer 'adamw8bit' needs bitsandbytes: pip install 'chromaflow[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adamw, adamw8bit")
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then constant or cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
@@ -222,18 +235,18 @@ def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     names = {id(p): n for n, p in model.named_parameters()}
-    moments = {}
-    steps = {}
+    tensors, scalars = {}, {}  # optimizer state by parameter name: tensors to safetensors, plain numbers to JSON
     for p, state in opt.state.items():
-        name = names[id(p)]
-        moments[f"{name}.exp_avg"] = state["exp_avg"]
-        moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"]
-        steps[name] = float(state["step"])
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[id(p)]}.{key}"] = value
+            else:
+                scalars.setdefault(names[id(p)], {})[key] = value
     save_checkpoint({k: v.detach() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     save_checkpoint(ema, tmp / "ema.safetensors")
-    save_checkpoint(moments, tmp / "optimizer.safetensors")
+    save_checkpoint(tensors, tmp / "optimizer.safetensors")
     with atomic_write(tmp / "state.json", "w") as f:
-        json.dump({"step": step, "optimizer_steps": steps, **extra}, f, indent=1)
+        json.dump({"step": step, "optimizer_scalars": scalars, **extra}, f, indent=1)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     with atomic_write(out_dir / "latest.json", "w") as f:
@@ -251,11 +264,17 @@ def load_state(folder: Path, model: FlowModel, ema: dict[str, Tensor], opt: torc
     for k, v in read("ema.safetensors").items():
         ema[k].copy_(v)
     state = json.loads((folder / "state.json").read_text())
-    moments = read("optimizer.safetensors")
+    per_param: dict[str, dict] = {}
+    for key, value in read("optimizer.safetensors").items():
+        name, field_name = key.rsplit(".", 1)
+        per_param.setdefault(name, {})[field_name] = value
+    for name, values in state.get("optimizer_scalars", {}).items():
+        per_param.setdefault(name, {}).update(values)
+    for name, step in state.get("optimizer_steps", {}).items():  # checkpoints written before optimizer_scalars
+        per_param[name]["step"] = torch.tensor(step)
     for name, p in model.named_parameters():
-        if name in state["optimizer_steps"]:
-            opt.state[p] = {"step": torch.tensor(state["optimizer_steps"][name]),
-                            "exp_avg": moments[f"{name}.exp_avg"], "exp_avg_sq": moments[f"{name}.exp_avg_sq"]}
+        if name in per_param:
+            opt.state[p] = per_param[name]
     return state
 
 
@@ -290,7 +309,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     model = FlowModel(transformer, text, cfg.train_text_encoder).train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = make_optimizer(cfg, parameter_groups(model, cfg.weight_decay))
 
     step, wall = 0, 0.0
     if main:
