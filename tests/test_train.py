@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chromaflow.formats.checkpoint import open_checkpoint
 from chromaflow.engine.train import TrainConfig, build_models, lr_at, parameter_groups, train
 from chromaflow.models.transformer import build
 from chromaflow.models.vae import VAE, small_vae_config
@@ -78,28 +79,47 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(vae_dir, tmp_path):
     assert latest["step"] >= 2  # saved at the step where the signal arrived, not at a periodic checkpoint
 
 
-def test_two_process_ddp_keeps_ranks_identical(vae_dir, tmp_path):
-    cfg = tiny_config(vae_dir, steps=3)
-    (tmp_path / "cfg.json").write_text(json.dumps({k: getattr(cfg, k) for k in
-                                                   ("name", "model", "vae", "text_encoder", "stages",
-                                                    "warmup_steps", "checkpoint_every", "log_every")}))
-    script = tmp_path / "ddp.py"
+def run_two_processes(cfg: TrainConfig, out: Path, port: int, stop_after: int | None = None) -> list[dict]:
+    """Train `cfg` under torchrun with 2 CPU processes; each rank's final weights."""
+    (out.parent / "cfg.json").write_text(json.dumps({k: getattr(cfg, k) for k in
+                                                     ("name", "model", "vae", "text_encoder", "stages", "parallel",
+                                                      "warmup_steps", "checkpoint_every", "log_every")}))
+    script = out.parent / "worker.py"
     script.write_text(
         "import json, os, sys, torch\n"
         "from chromaflow.engine.train import TrainConfig, train\n"
+        "from chromaflow.engine.distributed import full_tensors\n"
         "from chromaflow.formats.checkpoint import save_checkpoint\n"
         "cfg = TrainConfig.from_dict(json.load(open(sys.argv[1])))\n"
-        "model = train(cfg, sys.argv[2], progress=False)\n"
-        "save_checkpoint(dict(model.state_dict()), f\"{sys.argv[2]}/rank{os.environ['RANK']}.safetensors\")\n")
+        "stop = int(sys.argv[3]) if len(sys.argv) > 3 else None\n"
+        "model = train(cfg, sys.argv[2], progress=False, stop_after=stop)\n"
+        "weights = full_tensors(model.state_dict())  # a stopped FSDP run hands back its shards\n"
+        "save_checkpoint(weights, f\"{sys.argv[2]}/rank{os.environ['RANK']}.safetensors\")\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    str(script), str(tmp_path / "cfg.json"), str(tmp_path / "run")], check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    str(script), str(out.parent / "cfg.json"), str(out)] + ([str(stop_after)] if stop_after else []),
+                   check=True, env=env, capture_output=True, timeout=300)
     from safetensors.torch import load_file
-    r0, r1 = load_file(tmp_path / "run" / "rank0.safetensors"), load_file(tmp_path / "run" / "rank1.safetensors")
+    return [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+
+
+def test_two_process_ddp_keeps_ranks_identical(vae_dir, tmp_path):
+    cfg = tiny_config(vae_dir, steps=3)
+    r0, r1 = run_two_processes(cfg, tmp_path / "run", 29533)
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     single = train(cfg, tmp_path / "single", progress=False).state_dict()
     assert not torch.equal(single["transformer.img_in.weight"], r0["transformer.img_in.weight"])  # saw 2x data
+
+
+def test_fsdp_trains_like_ddp_and_resumes_from_its_unsharded_checkpoints(vae_dir, tmp_path):
+    ddp, _ = run_two_processes(tiny_config(vae_dir, steps=4), tmp_path / "ddp", 29534)
+    cfg = tiny_config(vae_dir, steps=4, parallel="fsdp")
+    run_two_processes(cfg, tmp_path / "fsdp", 29535, stop_after=2)  # sharded run stopped half way
+    with open_checkpoint(tmp_path / "fsdp" / "ckpt-00000002" / "model.safetensors") as ckpt:
+        assert ckpt.shape("transformer.img_in.weight") == (64, 64)  # written whole, not as a shard
+    f0, f1 = run_two_processes(cfg, tmp_path / "fsdp", 29536)  # resumed to the end
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)
+    assert all(torch.allclose(f0[k], ddp[k], atol=1e-5) for k in ddp)  # same math, only reduction order differs
 
 
 def test_no_weight_decay_on_biases_and_norms():

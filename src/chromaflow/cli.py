@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chromaflow", description="Chroma-family text-to-image: generate, train, evaluate, benchmark, inspect.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="text to image", description="Generate images from a prompt. Unset options "
-                       "take the model's defaults (the built-in model: 256x256, 20 steps).")
+    g = sub.add_parser("generate", help="text to image, image editing, large images",
+                       description="Generate images from a prompt; edit an --image (img2img, --mask inpainting, "
+                       "--outpaint); go beyond the native size (--tile, --hires-scale, --attention-window). Unset "
+                       "options take the model's defaults (the built-in model: 256x256, 20 steps).")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png",
                    help="PNG path (default out.png); a batch writes NAME-1.png, NAME-2.png, ... after the first")
@@ -68,6 +70,39 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-threshold", type=float,
                    help="relative change under which a step reuses the cache (defaults: fbc 0.1, teacache 0.3); "
                    "higher is faster and less faithful")
+    m = g.add_argument_group("editing", "img2img, inpainting and outpainting of an input image (README: Edit)")
+    m.add_argument("--image", help="input image: img2img, or inpainting with --mask, or outpainting with --outpaint")
+    m.add_argument("--mask", help="mask image, white = repaint; grays are differential diffusion (repainted later)")
+    m.add_argument("--strength", type=float, help="in [0, 1]: the last ceil(strength x steps) steps run (0 keeps "
+                   "the image, 1 ignores it; default 0.75, with a mask 1); settings report the start t")
+    m.add_argument("--mask-blur", type=float, default=0.0, help="feather the mask: Gaussian sigma in pixels")
+    m.add_argument("--outpaint", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                   help="pad the image by these pixels and generate the padding (rounded up to multiples of 16)")
+    m.add_argument("--outpaint-fill", default="edge", choices=["edge", "reflect", "gray"],
+                   help="what the padding starts from (default edge)")
+    m.add_argument("--outpaint-decay", type=float, default=0.5,
+                   help="k of the keep-weight exp(-d / (k * max_pad)) at distance d from the image (default 0.5)")
+    r = g.add_argument_group("large images", "beyond the native size (README: Large images)")
+    r.add_argument("--tile", type=_multiple_of_16, help="MultiDiffusion: denoise windows of this many pixels "
+                   "(the model's native size is a good choice) and average them")
+    r.add_argument("--tile-stride", type=int, help="pixels between windows, a multiple of 8 (default half a tile)")
+    r.add_argument("--region", nargs=2, action="append", default=[], metavar=("PROMPT", "MASK"),
+                   help="a region prompt and its mask image (white = the region), repeatable")
+    r.add_argument("--hires-scale", type=float, help="hires fix: generate, upscale by this factor, re-denoise")
+    r.add_argument("--hires-upscale", default="latent", choices=["latent", "pixel"], help="upscale the latents "
+                   "(default) or the decoded image")
+    r.add_argument("--hires-strength", type=float, default=0.5, help="strength of the re-denoise (default 0.5)")
+    r.add_argument("--hires-steps", type=_positive, help="steps of the re-denoise (default --steps)")
+    r.add_argument("--rope-scaling", choices=["interpolate", "ntk"],
+                   help="positions for grids beyond the native size: interpolate or NTK-scale RoPE")
+    r.add_argument("--attention-window", type=_multiple_of_16, help="shifted-window attention over image "
+                   "tokens, windows of this many pixels (text stays global): cost linear in pixels")
+    r.add_argument("--attention-window-steps", type=float, default=1.0,
+                   help="fraction of the steps (the first ones) that use windows (default 1)")
+    r.add_argument("--attention-window-blocks", type=float, default=1.0,
+                   help="fraction of the transformer blocks (the first ones) that use windows (default 1)")
+    r.add_argument("--vae-tile", type=int, help="VAE encode / decode in tiles of this many pixels (a multiple of "
+                   "8): memory bounded by the tile")
     g.add_argument("--model", default="default", help="built-in name (default, tiny) or a model folder / file path")
     g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
@@ -96,9 +131,23 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a checkpoint or a preset",
                        description="Layout, architecture, parameter count, dtypes and metadata of a checkpoint.")
-    i.add_argument("path", nargs="?", help="safetensors file, sharded index, or model folder")
+    i.add_argument("path", nargs="?", help="safetensors or GGUF file, sharded index, LoRA, or model folder")
     i.add_argument("--preset", help="describe a preset instead (built on the meta device, no memory)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    c = sub.add_parser("convert", help="convert a checkpoint or a LoRA to another format",
+                       description="Transformers: original | diffusers (safetensors), gguf:TYPE (F32, F16, BF16, "
+                       "Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0), fp8 (ComfyUI scaled), int8, nf4 "
+                       "(bitsandbytes), from any of these. LoRAs: kohya | diffusers.")
+    c.add_argument("input", help="checkpoint file or folder, GGUF, or LoRA")
+    c.add_argument("output", help="output file (.safetensors / .gguf), or a folder for --to diffusers")
+    c.add_argument("--to", required=True, help="target format (see above)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of unquantized tensors (default: the source's; bfloat16 from quantized sources)")
+    c.add_argument("--title", help="ModelSpec title (default: the source's, else the output name)")
+    c.add_argument("--resolution", help="ModelSpec resolution, e.g. 1024x1024")
+    c.add_argument("--base", default="chroma",
+                   help="LoRAs: the model they belong to, a preset (chroma, flux-dev, ...) or a checkpoint")
 
     b = sub.add_parser("bench", help="benchmark against diffusers on the same weights",
                        description="Matmul peak, transformer forward (with MFU), end-to-end txt2img and training "
@@ -124,6 +173,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} {path}: not an image file") from None
+
+
+def _mode_options(args) -> dict:
+    """The editing / large-image options of `generate`, as pipeline keywords."""
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (the image to inpaint)")
+    return dict(image=args.image and _open_image(args.image, "--image"),
+                mask=args.mask and _open_image(args.mask, "--mask"), strength=args.strength,
+                mask_blur=args.mask_blur, outpaint=args.outpaint, outpaint_fill=args.outpaint_fill,
+                outpaint_decay=args.outpaint_decay, tile=args.tile, tile_stride=args.tile_stride,
+                regions=[(prompt, _open_image(mask, "--region mask")) for prompt, mask in args.region],
+                hires_scale=args.hires_scale, hires_upscale=args.hires_upscale, hires_strength=args.hires_strength,
+                hires_steps=args.hires_steps, rope_scaling=args.rope_scaling, attention_window=args.attention_window,
+                attention_window_steps=args.attention_window_steps,
+                attention_window_blocks=args.attention_window_blocks, vae_tile=args.vae_tile)
+
+
 def cmd_generate(args) -> int:
     from .pipeline.loading import load
     from .formats.png import save_png
@@ -134,7 +207,7 @@ def cmd_generate(args) -> int:
                   scheduler=args.scheduler, shift=args.shift, cfg_mode=args.cfg_mode, cfg_rescale=args.cfg_rescale,
                   cfg_interval=args.cfg_interval, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                   apg_momentum=args.apg_momentum, sampler_options=dict(args.sampler_option), cache=args.cache,
-                  cache_threshold=args.cache_threshold, progress=not args.quiet)
+                  cache_threshold=args.cache_threshold, progress=not args.quiet, **_mode_options(args))
     out = Path(args.output)
     for n, image in enumerate(result.images):
         path = out if n == 0 else out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}")
@@ -174,6 +247,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import torch
+    from .formats.convert import convert_checkpoint, convert_lora, is_lora
+    if is_lora(args.input):
+        path = convert_lora(args.input, args.output, args.to, base=args.base)
+    else:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        path = convert_checkpoint(args.input, args.output, args.to, dtype=dtype, title=args.title,
+                                  resolution=args.resolution)
+    print(path)
+    return 0
+
+
 def cmd_info(args) -> int:
     if args.preset:
         from .models.transformer import build, count_parameters, preset
@@ -202,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-                    "bench": cmd_bench}
+                    "convert": cmd_convert, "bench": cmd_bench}
         return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -4,6 +4,9 @@ Each step: draw a batch (deterministic by its position), encode images to latent
 minibatch OT, sample t from the configured density, regress the velocity eps - x0. Everything random in a step
 comes from a generator seeded by (seed, step, micro-batch, rank), so a resumed run replays the same numbers:
 the checkpoint holds only weights, EMA, optimizer moments and the step counter.
+
+With `lora` set, the transformer (loaded from `base`) is frozen and only low-rank adapters train; checkpoints and
+the EMA then hold just the adapters, and the finished run is exported as kohya and diffusers LoRA files.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write, open_checkpoint, save_checkpoint
+from .distributed import STRATEGIES, agree, full_tensors, like, shard
+from ..models.lora import DEFAULT_TARGETS, add_lora
+from ..models.quant import is_quantized
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, chroma_mask, load_text_encoder
 from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, preset
 from ..models.vae import VAE, pack
@@ -50,6 +56,12 @@ class Stage:
 class TrainConfig:
     name: str = "run"
     model: dict = field(default_factory=lambda: {"preset": "default"})  # preset name + MMDiTParams overrides
+    # start from trained weights: a model folder (model.json; also supplies text encoder and VAE unless given),
+    # a transformer checkpoint, or "builtin" (the shipped model)
+    base: str = ""
+    # train a LoRA on the frozen base instead of the whole model: rank, alpha (default rank), targets (fnmatch
+    # patterns over Linear names, default every block Linear), save (layouts written at the end)
+    lora: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)  # ByteTextEncoderConfig fields, or {"path": T5 folder}
     train_text_encoder: bool = True
     # a text encoder trained from scratch first stays frozen (its random features are diverse) while the DiT learns
@@ -76,6 +88,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, 8-bit moments: 4x less optimizer memory)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # under torchrun: ddp (replicated) | fsdp (weights, gradients and optimizer state sharded across ranks)
+    parallel: str = "ddp"
     bf16: bool = True
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -122,11 +136,17 @@ class TrainConfig:
 # --- models ---------------------------------------------------------------------------------------------------
 
 class FlowModel(nn.Module):
-    """Everything that trains, in one module (so DDP syncs it): the transformer and, optionally, the text encoder."""
+    """Everything that trains, in one module (so DDP syncs it): the transformer and, optionally, the text encoder;
+    or, for a LoRA, the adapters (`lora`) hooked into the frozen transformer."""
 
-    def __init__(self, transformer: MMDiT, text_encoder: nn.Module, train_text: bool):
+    def __init__(self, transformer: MMDiT, text_encoder: nn.Module, train_text: bool, lora: dict | None = None):
         super().__init__()
         self.transformer = transformer
+        if lora:
+            transformer.requires_grad_(False)
+            self.lora, self.lora_hooks = add_lora(transformer, int(lora["rank"]), lora.get("alpha"),
+                                                  lora.get("targets", DEFAULT_TARGETS))
+            train_text = False  # a LoRA adapts the transformer only
         if train_text:
             self.text_encoder = text_encoder
         else:
@@ -136,6 +156,18 @@ class FlowModel(nn.Module):
     def text(self):
         return self.text_encoder if hasattr(self, "text_encoder") else self.frozen_text[0]
 
+    def trained_state(self) -> dict[str, Tensor]:
+        """What checkpoints and the EMA hold: the whole state, or only the adapters when training a LoRA."""
+        if hasattr(self, "lora"):
+            return {f"lora.{k}": v for k, v in self.lora.state_dict().items()}
+        return self.state_dict()
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        if hasattr(self, "lora"):
+            self.lora.load_state_dict({k.removeprefix("lora."): v for k, v in state.items()})
+        else:
+            self.load_state_dict(state)
+
     def forward(self, x_t: Tensor, img_ids: Tensor, t: Tensor, captions: list[str]) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and hasattr(self, "text_encoder")):
             enc = self.text.encode(captions)
@@ -144,18 +176,40 @@ class FlowModel(nn.Module):
         return self.transformer(x_t, img_ids, enc.embeds, txt_ids, t, txt_mask=mask)
 
 
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+
+
+def base_model_files(base: str) -> tuple[Path, Path | None, Path | None]:
+    """(transformer checkpoint, text encoder folder, VAE folder) of a `base`; the folders only for model folders."""
+    path = BUILTIN_DIR if base == "builtin" else Path(base).expanduser()
+    if path.is_dir() and (path / "model.json").is_file():
+        manifest = json.loads((path / "model.json").read_text())
+        return (path / manifest.get("transformer", "transformer.safetensors"),
+                path / manifest.get("text_encoder", "text_encoder"), path / manifest.get("vae", "vae"))
+    if not path.exists():
+        raise FileNotFoundError(f"training base {base!r}: no such model folder or checkpoint")
+    return path, None, None
+
+
 def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
     params = dict(cfg.model)
     base = params.pop("preset", "default")
-    transformer = build(preset(base, **params) if isinstance(base, str) else MMDiTParams.from_dict(params))
-    if "path" in cfg.text_encoder:
-        text = load_text_encoder(cfg.text_encoder["path"])
+    text_path, vae_path = cfg.text_encoder.get("path"), cfg.vae
+    if cfg.base:
+        from ..formats.layouts import load_transformer
+        weights, base_text, base_vae = base_model_files(cfg.base)
+        transformer, _ = load_transformer(weights, dtype=torch.float32)
+        text_path, vae_path = text_path or base_text, vae_path or base_vae
+    else:
+        transformer = build(preset(base, **params) if isinstance(base, str) else MMDiTParams.from_dict(params))
+    if text_path:
+        text = load_text_encoder(text_path)
     else:
         text = ByteTextEncoder(ByteTextEncoderConfig(**{"out_dim": transformer.params.context_in_dim,
                                                         **cfg.text_encoder}))
-    if not cfg.vae:
+    if not vae_path:
         raise ValueError("the training config needs `vae`: a VAE folder (train one with the `vae` stage first)")
-    vae = VAE.load(cfg.vae).eval().requires_grad_(False)
+    vae = VAE.load(vae_path).eval().requires_grad_(False)
     return transformer, text, vae
 
 
@@ -228,12 +282,10 @@ class ShapesData:
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor], opt: torch.optim.Optimizer,
-               extra: dict, keep: int = 1) -> Path:
-    """Write ckpt-STEP/ completely, then point latest.json at it (atomic), then prune older checkpoints."""
+               extra: dict, keep: int = 1, write: bool = True) -> Path:
+    """Write ckpt-STEP/ completely, then point latest.json at it (atomic), then prune older checkpoints. Under FSDP
+    every rank calls it (gathering the shards is collective) and only the one with `write` writes."""
     folder = out_dir / f"ckpt-{step:08d}"
-    tmp = out_dir / f".ckpt-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, scalars = {}, {}  # optimizer state by parameter name: tensors to safetensors, plain numbers to JSON
     for p, state in opt.state.items():
@@ -242,7 +294,13 @@ def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor
                 tensors[f"{names[id(p)]}.{key}"] = value
             else:
                 scalars.setdefault(names[id(p)], {})[key] = value
-    save_checkpoint({k: v.detach() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    weights, ema, tensors = (full_tensors(d) for d in (model.trained_state(), ema, tensors))
+    if not write:
+        return folder
+    tmp = out_dir / f".ckpt-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint({k: v.detach() for k, v in weights.items()}, tmp / "model.safetensors")
     save_checkpoint(ema, tmp / "ema.safetensors")
     save_checkpoint(tensors, tmp / "optimizer.safetensors")
     with atomic_write(tmp / "state.json", "w") as f:
@@ -260,9 +318,10 @@ def load_state(folder: Path, model: FlowModel, ema: dict[str, Tensor], opt: torc
     def read(name):
         with open_checkpoint(folder / name) as ckpt:
             return {k: ckpt.get(k) for k in ckpt.keys()}
-    model.load_state_dict(read("model.safetensors"))
+    current = model.trained_state()  # unsharded files laid out like the live tensors (shards under FSDP)
+    model.load_trained_state({k: like(v, current[k]) for k, v in read("model.safetensors").items()})
     for k, v in read("ema.safetensors").items():
-        ema[k].copy_(v)
+        ema[k].copy_(like(v, ema[k]))
     state = json.loads((folder / "state.json").read_text())
     per_param: dict[str, dict] = {}
     for key, value in read("optimizer.safetensors").items():
@@ -274,7 +333,8 @@ def load_state(folder: Path, model: FlowModel, ema: dict[str, Tensor], opt: torc
         per_param[name]["step"] = torch.tensor(step)
     for name, p in model.named_parameters():
         if name in per_param:
-            opt.state[p] = per_param[name]
+            opt.state[p] = {k: like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                            for k, v in per_param[name].items()}
     return state
 
 
@@ -292,10 +352,11 @@ class StopRequested(Exception):
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, preview=None) -> FlowModel:
+          stop_after: int | None = None, preview=None, data=None) -> FlowModel:
     """Train to cfg.total_steps (or `stop_after` more steps), checkpointing into out_dir; returns the model, with
     the EMA weights loaded once training is complete. `preview(model, vae, path)` draws sample grids (the
-    pipeline layer provides it; it runs with EMA weights every cfg.sample_every steps and at the end)."""
+    pipeline layer provides it; it runs with EMA weights every cfg.sample_every steps and at the end). `data`
+    replaces the configured source (anything with `batch(number, batch_size, size)`)."""
     out_dir = Path(out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
@@ -307,8 +368,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     vae.ae.disable_slicing()  # encode whole batches (one-at-a-time slicing is for reproducible inference)
     vae.to(memory_format=torch.channels_last)  # oneDNN's preferred layout for CPU convs
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    model = FlowModel(transformer, text, cfg.train_text_encoder).train()
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if cfg.lora and "rank" not in cfg.lora:
+        raise ValueError("the `lora` config needs a rank, e.g. {\"rank\": 16}")
+    if cfg.lora and not cfg.base:
+        raise ValueError("a LoRA trains on trained weights: set `base` (a model folder, checkpoint or \"builtin\")")
+    if is_quantized(transformer) and not cfg.lora:
+        raise ValueError(f"the base {cfg.base} holds quantized weights, which cannot be trained directly; "
+                         "train a LoRA on it (`lora`) or start from a full-precision checkpoint")
+    if cfg.parallel not in STRATEGIES:
+        raise ValueError(f"unknown parallel strategy {cfg.parallel!r}; valid: {', '.join(STRATEGIES)}")
+    sharded = distributed and cfg.parallel == "fsdp"
+    if sharded and cfg.lora:
+        raise ValueError("a LoRA trains with parallel \"ddp\" (its adapters are small); fsdp is for whole models")
+    model = FlowModel(transformer, text, cfg.train_text_encoder, cfg.lora).train()
+    if sharded:
+        shard(model)
+    ema = {k: v.detach().clone() for k, v in model.trained_state().items()}
     opt = make_optimizer(cfg, parameter_groups(model, cfg.weight_decay))
 
     step, wall = 0, 0.0
@@ -320,8 +395,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     if ckpt is not None:
         state = load_state(ckpt, model, ema, opt)
         step, wall = state["step"], state.get("wall_time", 0.0)
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    data = make_data(cfg, vae)
+    net = nn.parallel.DistributedDataParallel(model) if distributed and not sharded else model
+    data = data if data is not None else make_data(cfg, vae)
 
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -359,19 +434,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
                                               "samples_per_s": rate, "size": size,
                                               "wall_time": time.time() - started}) + "\n")
                     metrics.flush()
-                due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
-                if due or step == end or stop["signal"] is not None:
-                    save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
-                               cfg.keep_checkpoints)
-                    last_ckpt_time = time.time()
-                if preview and cfg.sample_every and step % cfg.sample_every == 0:
-                    with ema_weights(model, ema):
-                        preview(model, vae, out_dir / f"samples-{step:08d}.png")
-            if stop["signal"] is not None:
+            # rank 0's clock and any rank's signal decide for all: saving (and sharded forwards) are collective
+            due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
+            due, stopping = agree(main and due, stop["signal"] is not None)
+            if due or step == end or stopping:
+                save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
+                           cfg.keep_checkpoints, write=main)
+                last_ckpt_time = time.time()
+            if preview and cfg.sample_every and step % cfg.sample_every == 0 and (main or sharded):
+                with ema_weights(model, ema):
+                    preview(model, vae, out_dir / f"samples-{step:08d}.png" if main else None)
+            if stopping:
                 raise StopRequested
     except StopRequested:
         if main:
-            bar.write(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {out_dir}")
+            bar.write(f"stopped by signal {stop['signal'] or '(on another rank)'} at step {step}; "
+                      f"checkpoint saved in {out_dir}")
     finally:
         bar.close()
         for s, handler in previous.items():
@@ -379,9 +457,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         if metrics:
             metrics.close()
     if step >= cfg.total_steps:
-        model.load_state_dict(ema)
+        model.load_trained_state(ema)
+        if sharded:  # hand back a whole model (export and evaluation need every weight)
+            weights = full_tensors(model.trained_state())
+            torch.manual_seed(cfg.seed)
+            model = FlowModel(*build_models(cfg)[:2], cfg.train_text_encoder, cfg.lora)
+            model.load_trained_state(weights)
         if main:
             loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
+            if cfg.lora:
+                export_lora(cfg, model, out_dir)
             if preview:
                 preview(model.eval(), vae, out_dir / "samples-final.png")
     if distributed:
@@ -412,9 +497,29 @@ def flow_loss(net: nn.Module, vae: VAE, data, cfg: TrainConfig, size: int, batch
     return (pred.float() - target).square().mean()
 
 
+def export_lora(cfg: TrainConfig, model: FlowModel, out_dir: Path) -> list[Path]:
+    """The trained adapters as `NAME-lora.safetensors` (kohya) and `NAME-lora-diffusers.safetensors`."""
+    from ..formats.lora import linear_shapes, save_lora
+    from ..models.lora import adapter_weights
+    weights, shapes = adapter_weights(model.lora), linear_shapes(model.transformer)
+    size = cfg.defaults.get("width"), cfg.defaults.get("height")
+    resolution = f"{size[0]}x{size[1]}" if all(size) else None
+    written = []
+    for layout in cfg.lora.get("save", ["kohya", "diffusers"]):
+        name = f"{cfg.name}-lora.safetensors" if layout == "kohya" else f"{cfg.name}-lora-{layout}.safetensors"
+        written.append(save_lora(weights, out_dir / name, shapes, layout, architecture=_modelspec_family(model),
+                                 title=cfg.name, resolution=resolution))
+    return written
+
+
+def _modelspec_family(model: FlowModel) -> str:
+    p = model.transformer.params
+    return "chroma" if p.variant == "chroma" else "flux-dev" if p.guidance_embed else "flux-schnell"
+
+
 @torch.no_grad()
-def update_ema(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
-    for k, v in model.state_dict().items():
+def update_ema(ema: dict[str, Tensor], model: FlowModel, decay: float) -> None:
+    for k, v in model.trained_state().items():
         if v.dtype.is_floating_point:
             ema[k].lerp_(v.detach(), 1 - decay)
         else:
@@ -428,10 +533,10 @@ class ema_weights:
         self.model, self.ema = model, ema
 
     def __enter__(self):
-        self.backup = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.ema)
+        self.backup = {k: v.clone() for k, v in self.model.trained_state().items()}
+        self.model.load_trained_state(self.ema)
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.load_state_dict(self.backup)
+        self.model.load_trained_state(self.backup)
         self.model.train()

@@ -1,7 +1,9 @@
 """Safetensors checkpoints: header validation, lazy one-tensor-at-a-time reads across shards, atomic writes.
 
-Weights are only ever read from safetensors; pickle-based files (.bin/.pt/.ckpt) are refused, never unpickled.
-A `Checkpoint` reads headers up front (shapes, dtypes, metadata) and tensor data only on `get`.
+Weights are only ever read from safetensors or GGUF; pickle-based files (.bin/.pt/.ckpt) are refused, never
+unpickled. A `Checkpoint` reads headers up front (shapes, dtypes, metadata) and tensor data only on `get`.
+`open_checkpoint` also opens GGUF files and safetensors holding low-bit weights (fp8 with scales, int8, NF4): those
+objects answer the same questions, with logical shapes, `get` returning expanded weights and `packed` the compact form.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +39,15 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message names the file and what to do."""
+
+
+@dataclass
+class Packed:
+    """A weight kept in a compact storage format plus what expanding it needs (models.quant builds the Linear)."""
+    kind: str  # "ggml" | "scaled" (int8 / fp8 with per-tensor or per-row scales) | "nf4" (bitsandbytes 4-bit)
+    shape: tuple[int, ...]  # logical (out_features, in_features)
+    tensors: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)  # ggml: {"type": GGMLQuantizationType}
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -156,6 +168,10 @@ class Checkpoint:
         name = self._entry(key)[1]
         return str(DTYPES[name]).removeprefix("torch.") if name in DTYPES else name
 
+    def packed(self, key: str) -> Packed | None:
+        """The compact form of a low-bit weight; plain safetensors tensors have none."""
+        return None
+
     def get(self, key: str, rows: slice | None = None) -> torch.Tensor:
         """Copy one tensor (or a range of its rows) out of the file's memory map into owned, aligned memory.
 
@@ -224,18 +240,27 @@ def _read_config(folder: Path) -> dict:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a .safetensors file, a `*.safetensors.index.json` shard index, or a folder holding one of them
-    (a diffusers `transformer/` folder, or a pipeline folder that has one)."""
-    path = Path(path)
+    """Open a .safetensors or .gguf file, a `*.safetensors.index.json` shard index, or a folder holding one of them
+    (a diffusers `transformer/` folder, or a pipeline folder that has one). Low-bit safetensors (ComfyUI scaled fp8,
+    int8, bitsandbytes NF4) come back wrapped so their weights read as logical tensors."""
+    from . import lowbit
+    return lowbit.wrap(_open(Path(path)))
+
+
+def _open(path: Path):
+    if path.suffix.lower() == ".gguf":
+        from .gguf import GGUFCheckpoint
+        return GGUFCheckpoint(path)
     if path.is_dir():
         if (path / "transformer").is_dir() and not any(path.glob("*.safetensors*")):
             path = path / "transformer"
         for name in (DIFFUSERS_WEIGHTS + ".index.json", DIFFUSERS_WEIGHTS):
             if (path / name).is_file():
-                return open_checkpoint(path / name)
-        found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+                return _open(path / name)
+        found = (sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+                 or sorted(path.glob("*.gguf")))
         if len(found) == 1:
-            return open_checkpoint(found[0])
+            return _open(found[0])
         if found:
             raise CheckpointError(f"{path}: holds several checkpoints ({', '.join(f.name for f in found)}); "
                                   "pass the file to use")

@@ -310,9 +310,32 @@ class TransformerFile:
         return combine(self.plan[key], lambda k, rows: self.ckpt.get(self.keymap[k], rows))
 
 
+# families whose files must not be read as a Chroma / Flux transformer even when their keys look alike (SD3's
+# diffusers keys resemble Flux's); a declared architecture naming neither flux nor chroma is one of them
+_OUR_FAMILIES = ("flux", "chroma")
+
+
+def check_declared_architecture(metadata: Mapping[str, str]) -> None:
+    """Refuse files whose own metadata (GGUF `general.architecture`, `modelspec.architecture`) names another model
+    family, or says the file is an adapter (LoRA) rather than a model."""
+    gguf_arch = metadata.get("general.architecture")
+    if gguf_arch is not None and gguf_arch not in _OUR_FAMILIES:
+        raise CheckpointError(f"GGUF architecture is {gguf_arch!r}, not a Flux / Chroma transformer ('flux'); "
+                              "pass a Chroma or Flux GGUF")
+    spec = metadata.get("modelspec.architecture")
+    if spec:
+        base, _, adapter = spec.partition("/")
+        if adapter:
+            raise CheckpointError(f"is a {adapter} for {base} (modelspec.architecture {spec!r}), not a model; "
+                                  "apply it to a model with loras=[(path, strength)]")
+        if not any(f in base.lower() for f in _OUR_FAMILIES):
+            raise CheckpointError(f"is a {spec!r} model (modelspec.architecture), not a Chroma / Flux transformer")
+
+
 def analyze(ckpt: Checkpoint) -> TransformerFile:
     """Detect layout, architecture and config from headers only; errors name the file."""
     try:
+        check_declared_architecture(ckpt.metadata)
         keymap = strip_prefix(ckpt.keys())
         shapes = {k: ckpt.shape(s) for k, s in keymap.items()}
         layout, arch = detect_layout(shapes), detect_architecture(shapes)
@@ -350,25 +373,60 @@ def _main_dtype(ckpt: Checkpoint, keys: Iterable[str]) -> torch.dtype:
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     device: str | torch.device = "cpu") -> tuple[MMDiT, dict]:
-    """Load a Chroma / Flux transformer from a file, shard index or folder, in either layout.
+                     device: str | torch.device = "cpu", quantize: str | None = None) -> tuple[MMDiT, dict]:
+    """Load a Chroma / Flux transformer from a safetensors file, shard index, folder or GGUF, in either layout.
 
     Everything is checked from headers before any tensor is read; then each parameter is read (memory-mapped),
-    converted, cast and copied on its own, so peak memory is about one model. `dtype=None` keeps the file's main dtype.
+    converted, cast and copied on its own, so peak memory is about one model. `dtype=None` keeps the file's main
+    dtype (bfloat16 when weights are quantized). GGUF and low-bit (fp8, int8, NF4) weights stay compact in memory
+    as models.quant.QuantLinear layers, expanded per layer on each forward; `quantize` ("int8", "fp8", "nf4",
+    "Q8_0", "Q4_K", ...) compacts the remaining eligible layers the same way while loading.
     Returns the model in eval mode and an info dict (layout, architecture, params, dtype, files, metadata)."""
+    from ..models.quant import QuantLinear, pack_weight, parse_format, quantizable, set_module
+    fmt = parse_format(quantize) if quantize else None
     with open_checkpoint(path) as ckpt:
         tf = analyze(ckpt)
         model = build(tf.params, device="meta")
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         _check_fits(tf, expected)
-        dtype = dtype or _main_dtype(ckpt, tf.keymap.values())
-        # Checkpoint.get hands out owned copies and releases the mapped pages: peak is one model + one tensor
-        state = {k: tf.get(k).to(device=device, dtype=dtype) for k in expected}
-        model.load_state_dict(state, strict=True, assign=True)
+        linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        packed = {}  # module name -> Packed: compact weights used as stored (only when not split or fused)
+        for key in expected:
+            parts = tf.plan[key]
+            if key.endswith(".weight") and key[:-7] in linears and len(parts) == 1 and parts[0][1] is None:
+                if (p := ckpt.packed(tf.keymap[parts[0][0]])) is not None:
+                    packed[key[:-7]] = p
+        dtype = dtype or (torch.bfloat16 if packed or fmt else _main_dtype(ckpt, tf.keymap.values()))
+        state = {}
+        for key in expected:
+            module = key[:-7] if key.endswith(".weight") else None
+            if module in packed:
+                continue
+            tensor = tf.get(key)  # Checkpoint.get hands out owned copies and releases the mapped pages
+            if fmt is not None and module in linears and quantizable(key, expected[key], fmt):
+                packed[module] = pack_weight(tensor, fmt)
+            else:
+                state[key] = tensor.to(device=device, dtype=dtype)
+        for module, p in packed.items():
+            set_module(model, module, QuantLinear(p, state.pop(module + ".bias", None), dtype).to(device))
+        model.load_state_dict(state, strict=False, assign=True)
+        unset = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if unset:  # never hand out a half-loaded model
+            raise CheckpointError(f"{ckpt.name}: {len(unset)} tensors were not loaded: {_few(unset)}")
+        quantized = Counter(_packed_name(p) for p in packed.values())
         info = {"path": str(path), "files": [str(f) for f in ckpt.files], "layout": tf.layout,
                 "architecture": tf.architecture, "params": tf.params.to_dict(), "dtype": str(dtype).split(".")[-1],
-                "prefix": tf.prefix, "ignored_keys": len(ckpt) - len(tf.keymap), "metadata": dict(ckpt.metadata)}
+                "prefix": tf.prefix, "ignored_keys": len(ckpt) - len(tf.keymap), "metadata": dict(ckpt.metadata),
+                "quantized": dict(quantized)}
     return model.eval(), info
+
+
+def _packed_name(p) -> str:
+    if p.kind == "ggml":
+        return p.info["type"].name
+    if p.kind == "scaled":
+        return "int8" if p.tensors["weight"].dtype == torch.int8 else str(p.tensors["weight"].dtype).split(".")[-1]
+    return p.kind
 
 
 # --- saving ---------------------------------------------------------------------------------------------------
@@ -378,12 +436,22 @@ MODELSPEC = {"chroma": ("chroma", "https://huggingface.co/lodestones/Chroma"),  
              "flux-dev": ("flux-1-dev", _BFL), "flux-schnell": ("flux-1-schnell", _BFL)}
 
 
-def modelspec(architecture: str, title: str, layout: str = "original") -> dict[str, str]:
-    """The ModelSpec 1.0 MUST keys (plus the date) for a transformer file."""
+def modelspec(architecture: str, title: str, layout: str = "original", resolution: str | None = None,
+              adapter: str | None = None) -> dict[str, str]:
+    """The ModelSpec 1.0 MUST keys plus date and (for image models) resolution "WxH"; `adapter` ("lora") marks
+    an adapter for the architecture ("chroma/lora")."""
     arch, implementation = MODELSPEC[architecture]
-    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/{adapter}" if adapter else arch,
             "modelspec.implementation": "diffusers" if layout == "diffusers" else implementation,
             "modelspec.title": title, "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if resolution:
+        spec["modelspec.resolution"] = resolution
+    return spec
+
+
+def read_modelspec(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The `modelspec.*` entries of a file's metadata, without the prefix."""
+    return {k.removeprefix("modelspec."): v for k, v in metadata.items() if k.startswith("modelspec.")}
 
 
 def diffusers_config(params: MMDiTParams) -> dict:
@@ -436,7 +504,7 @@ def _write_sharded(tensors: Mapping[str, Tensor], file: Path, metadata: dict[str
 
 def save_transformer(model_or_state_dict: MMDiT | Mapping[str, Tensor], path: str | os.PathLike,
                      layout: str = "original", metadata: Mapping[str, str] | None = None, *,
-                     params: MMDiTParams | None = None, title: str | None = None,
+                     params: MMDiTParams | None = None, title: str | None = None, resolution: str | None = None,
                      max_shard_size: int | None = None) -> Path:
     """Write a transformer in `layout` with `chromaflow.params` and ModelSpec metadata; returns what to open.
 
@@ -451,7 +519,7 @@ def save_transformer(model_or_state_dict: MMDiT | Mapping[str, Tensor], path: st
     tensors = convert(state, layout)
     params = params or infer_params({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     meta = {"chromaflow.params": json.dumps(params.to_dict()), "chromaflow.layout": layout,
-            **modelspec(detect_architecture(tensors), title or path.stem, layout),
+            **modelspec(detect_architecture(tensors), title or path.stem, layout, resolution),
             **{str(k): str(v) for k, v in (metadata or {}).items()}}
     if path.suffix == ".safetensors":
         return _write_sharded(tensors, path, meta, max_shard_size)

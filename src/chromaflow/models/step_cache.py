@@ -9,7 +9,7 @@ Both methods reuse a residual saved at the last full pass:
   pass resets the sum. TeaCache's published per-model rescaling polynomials are fitted to Flux; here the raw
   change is summed, so thresholds are the model's own (see benchmarks/caching.py).
 One StepCache serves one sampling run; a change of batch or size (e.g. a guidance interval dropping the
-unconditional half) forces a full pass.
+unconditional half) forces a full pass. `window` (windowed attention) passes through to the blocks.
 """
 
 from __future__ import annotations
@@ -41,16 +41,17 @@ class StepCache:
         return {"method": self.method, "threshold": self.threshold, "calls": self.calls,
                 "full_passes": self.full_passes}
 
-    def __call__(self, model, img: Tensor, txt: Tensor, mods, pe: Tensor, key_mask: Tensor | None) -> Tensor:
+    def __call__(self, model, img: Tensor, txt: Tensor, mods, pe: Tensor, key_mask: Tensor | None,
+                 window=None) -> Tensor:
         """The image stream after every block, computed or reconstructed from the cached residual."""
         self.calls += 1
         if self.method == "fbc":
             img_mod, txt_mod = mods.double[0]
-            first_img, first_txt = model.double_blocks[0](img, txt, img_mod, txt_mod, pe, key_mask)
+            first_img, first_txt = model.double_blocks[0](img, txt, img_mod, txt_mod, pe, key_mask, window)
             probe = first_img - img
             if self._usable(probe) and relative_change(probe, self.reference) < self.threshold:
                 return first_img + self.residual
-            out = model.blocks(first_img, first_txt, mods, pe, key_mask, start=1)
+            out = model.blocks(first_img, first_txt, mods, pe, key_mask, start=1, window=window)
             self.reference, self.residual = probe, out - first_img
         else:
             block, img_mod = model.double_blocks[0], mods.double[0][0]
@@ -61,7 +62,7 @@ class StepCache:
             self.reference = probe
             if usable and self.accumulated < self.threshold:
                 return img + self.residual
-            out = model.blocks(img, txt, mods, pe, key_mask)
+            out = model.blocks(img, txt, mods, pe, key_mask, window=window)
             self.residual, self.accumulated = out - img, 0.0
         self.full_passes += 1
         return out

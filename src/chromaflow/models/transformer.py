@@ -6,6 +6,9 @@ conditioning vector with its own Linear; Chroma replaces all of those with one "
 every modulation vector at once (spec chroma-architecture.md §1-2).
 
 Tensors in `forward` live in packed token space: img (B, L_img, in_channels), txt (B, L_txt, context_in_dim).
+For grids beyond the trained size, `forward` takes two per-call options, both off by default (the reference
+model): `RopeScaling` (position interpolation or NTK-aware RoPE) and `WindowedAttention` (shifted windows over
+the image tokens, text global).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, time_fac
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
     """Rotation matrices for one id axis: (B, L) -> (B, L, dim/2, 2, 2), computed in float64 like the reference."""
     omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
     angle = pos.double()[..., None] * omega
@@ -117,9 +120,41 @@ def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
     return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
 
 
-def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
+ROPE_SCALINGS = ("interpolate", "ntk")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Positions for image grids larger than the model saw in training, on the spatial id axes (1 and 2).
+
+    "interpolate" (position interpolation): positions are divided by `factor`, so a grid `factor` times the native
+    side spans the trained range of positions (neighbours then sit closer than in training).
+    "ntk" (NTK-aware scaling): theta becomes theta * factor^(d / (d - 2)) for an axis of d dims: the highest
+    frequencies (fine, local detail) stay, the lowest are stretched by `factor` to cover the larger grid.
+    Text ids are all zero and unaffected either way. factor 1 is the native embedding."""
+    method: str
+    factor: float
+
+    def __post_init__(self):
+        if self.method not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope scaling {self.method!r}; valid: {', '.join(ROPE_SCALINGS)}")
+        if not self.factor >= 1:
+            raise ValueError(f"rope scaling factor must be >= 1 (the grid over the native size), got {self.factor}")
+
+
+def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int,
+                       scaling: RopeScaling | None = None) -> Tensor:
     """ids (B, L, n_axes) -> (B, 1, L, head_dim/2, 2, 2); the per-axis tables are concatenated on frequencies."""
-    return torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3).unsqueeze(1)
+    tables = []
+    for axis, dim in enumerate(axes_dim):
+        pos, base = ids[..., axis], theta
+        if scaling is not None and axis > 0:
+            if scaling.method == "interpolate":
+                pos = pos / scaling.factor
+            else:
+                base = theta * scaling.factor ** (dim / (dim - 2))
+        tables.append(rope(pos, dim, base))
+    return torch.cat(tables, dim=-3).unsqueeze(1)
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
@@ -129,12 +164,87 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return out.reshape(x.shape).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Joint attention over [txt; img]. `key_mask` (B, L) bool hides keys; returns (B, L, H*D)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | None,
+              window: WindowedAttention | None = None) -> Tensor:
+    """Joint attention over [txt; img]. `key_mask` (B, L) bool hides keys; `window` restricts image queries to
+    their window (see WindowedAttention). Returns (B, L, H*D)."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if window is None:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        n_txt = q.shape[2] - window.grid[0] * window.grid[1]
+        text = F.scaled_dot_product_attention(q[:, :, :n_txt], k, v, attn_mask=mask)  # text queries stay global
+        x = torch.cat([text, _window_attention(q, k, v, key_mask, window, n_txt)], 2)
     return x.transpose(1, 2).flatten(2)
+
+
+@dataclass(frozen=True)
+class WindowedAttention:
+    """Shifted-window self-attention over the image tokens of a rows x cols grid (row-major, as `image_ids`).
+
+    Image queries attend to every text key and to the image keys of their own window; text queries stay global.
+    So every image token still reads the prompt, and attention cost grows linearly with the number of image tokens
+    (windows x window area) instead of quadratically. Blocks are numbered double blocks first, then single blocks,
+    from 0; the first `blocks` of them use windows, and odd ones shift the window grid by half a window so that
+    information crosses window borders from block to block (Swin). Edge windows of a grid the window does not
+    divide are partial: their missing keys are hidden. A window larger than the grid is clamped to it."""
+    grid: tuple[int, int]  # image tokens: rows, cols
+    size: tuple[int, int]  # window, in tokens
+    blocks: int = 1 << 30
+    shift: tuple[int, int] = (0, 0)  # offset of the window grid, set per block by `at`
+
+    def __post_init__(self):
+        if min(*self.grid, *self.size) < 1:
+            raise ValueError(f"window {self.size} and grid {self.grid} must be positive")
+        object.__setattr__(self, "size", (min(self.size[0], self.grid[0]), min(self.size[1], self.grid[1])))
+
+    def at(self, index: int) -> WindowedAttention | None:
+        """The windows block number `index` uses, or None for full attention."""
+        if index >= self.blocks:
+            return None
+        half = (self.size[0] // 2, self.size[1] // 2) if index % 2 else (0, 0)
+        return replace(self, shift=half)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """Rows and cols of the grid once shifted and padded to whole windows."""
+        return tuple(-(-(n + s) // w) * w for n, s, w in zip(self.grid, self.shift, self.size))
+
+
+def _to_windows(x: Tensor, w: WindowedAttention) -> Tensor:
+    """Image tokens (B, H, rows*cols, D) -> (B * n_windows, H, window area, D), batch-major, zero padded."""
+    b, heads, _, d = x.shape
+    (rows, cols), (wr, wc), (sr, sc), (pr, pc) = w.grid, w.size, w.shift, w.padded
+    x = F.pad(x.view(b, heads, rows, cols, d), (0, 0, sc, pc - cols - sc, sr, pr - rows - sr))
+    x = x.view(b, heads, pr // wr, wr, pc // wc, wc, d).permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(-1, heads, wr * wc, d)
+
+
+def _from_windows(x: Tensor, w: WindowedAttention, batch: int) -> Tensor:
+    """Inverse of _to_windows: (B * n_windows, H, window area, D) -> (B, H, rows*cols, D), padding dropped."""
+    (rows, cols), (wr, wc), (sr, sc), (pr, pc) = w.grid, w.size, w.shift, w.padded
+    heads, d = x.shape[1], x.shape[-1]
+    x = x.view(batch, pr // wr, pc // wc, heads, wr, wc, d).permute(0, 3, 1, 4, 2, 5, 6)
+    x = x.reshape(batch, heads, pr, pc, d)
+    return x[:, :, sr:sr + rows, sc:sc + cols].reshape(batch, heads, rows * cols, d)
+
+
+def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, w: WindowedAttention,
+                      n_txt: int) -> Tensor:
+    """Image queries over [all text keys; their window's image keys] -> (B, H, rows*cols, D)."""
+    b = q.shape[0]
+    valid = _to_windows(q.new_ones(1, 1, w.grid[0] * w.grid[1], 1), w)[:, 0, :, 0] > 0  # (n_windows, area)
+    n_windows = valid.shape[0]
+    # each window's keys: every text token, then the window's image tokens
+    keys, values = (torch.cat([x[:, :, :n_txt].repeat_interleave(n_windows, 0), _to_windows(x[:, :, n_txt:], w)], 2)
+                    for x in (k, v))
+    mask = None
+    if key_mask is not None or not bool(valid.all()):
+        txt_mask = (key_mask[:, :n_txt] if key_mask is not None else valid.new_ones(b, n_txt)).bool()
+        mask = torch.cat([txt_mask.repeat_interleave(n_windows, 0), valid.repeat(b, 1)], 1)[:, None, None, :]
+    out = F.scaled_dot_product_attention(_to_windows(q[:, :, n_txt:], w), keys, values, attn_mask=mask)
+    return _from_windows(out, w, b)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,10 +342,10 @@ def _layer_norm(dim: int) -> nn.LayerNorm:
 class DoubleStreamBlock(nn.Module):
     """Separate weights for image and text, one joint attention over [txt; img]."""
 
-    def __init__(self, p: MMDiTParams):
+    def __init__(self, p: MMDiTParams, index: int = 0):
         super().__init__()
         h = p.hidden_size
-        self.num_heads = p.num_heads
+        self.num_heads, self.index = p.num_heads, index  # index: the block's number, for windowed attention
         for s in ("img", "txt"):
             if p.variant == "flux":
                 setattr(self, f"{s}_mod", Modulation(h, 6))
@@ -257,10 +367,11 @@ class DoubleStreamBlock(nn.Module):
         return x + mod[:, 5, None] * getattr(self, f"{stream}_mlp")(mlp_in)
 
     def forward(self, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor, pe: Tensor,
-                key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                key_mask: Tensor | None, window: WindowedAttention | None = None) -> tuple[Tensor, Tensor]:
         iq, ik, iv = self._qkv("img", img, img_mod)
         tq, tk, tv = self._qkv("txt", txt, txt_mod)
-        out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), pe, key_mask)
+        out = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), pe, key_mask,
+                        window and window.at(self.index))
         n_txt = txt.shape[1]
         return self._finish("img", img, out[:, n_txt:], img_mod), self._finish("txt", txt, out[:, :n_txt], txt_mod)
 
@@ -268,10 +379,10 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint sequence; linear1 = [q, k, v, mlp_in], linear2 = [attn, mlp] -> out."""
 
-    def __init__(self, p: MMDiTParams):
+    def __init__(self, p: MMDiTParams, index: int = 0):
         super().__init__()
         h = p.hidden_size
-        self.num_heads, self.hidden_size, self.mlp_hidden = p.num_heads, h, p.mlp_hidden
+        self.num_heads, self.hidden_size, self.mlp_hidden, self.index = p.num_heads, h, p.mlp_hidden, index
         self.linear1 = nn.Linear(h, 3 * h + p.mlp_hidden)
         self.linear2 = nn.Linear(h + p.mlp_hidden, h)
         self.norm = QKNorm(p.head_dim)
@@ -279,12 +390,14 @@ class SingleStreamBlock(nn.Module):
         if p.variant == "flux":
             self.modulation = Modulation(h, 3)
 
-    def forward(self, x: Tensor, mod: Tensor, pe: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mod: Tensor, pe: Tensor, key_mask: Tensor | None,
+                window: WindowedAttention | None = None) -> Tensor:
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), mod[:, 0], mod[:, 1])).split(
             [3 * self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat([attention(q, k, v, pe, key_mask), F.gelu(mlp, approximate="tanh")], 2))
+        attn = attention(q, k, v, pe, key_mask, window and window.at(self.index))
+        out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], 2))
         return x + mod[:, 2, None] * out
 
 
@@ -326,8 +439,8 @@ class MMDiT(nn.Module):
         else:
             self.distilled_guidance_layer = Approximator(p.approximator_in_dim, p.approximator_hidden, h,
                                                          p.approximator_depth)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(p) for _ in range(p.depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single_blocks))
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(p, i) for i in range(p.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(p, p.depth + i) for i in range(p.depth_single_blocks))
         self.final_layer = LastLayer(p)
 
     # modulation ------------------------------------------------------------------------------------------------
@@ -361,13 +474,16 @@ class MMDiT(nn.Module):
     # forward ---------------------------------------------------------------------------------------------------
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 txt_mask: Tensor | None = None, guidance: Tensor | None = None, y: Tensor | None = None,
-                mods: Modulations | None = None, drop_masked: bool = True, cache=None) -> Tensor:
+                mods: Modulations | None = None, drop_masked: bool = True, cache=None,
+                rope_scaling: RopeScaling | None = None, window: WindowedAttention | None = None) -> Tensor:
         """Predict the velocity for packed latents `img`.
 
         txt_mask (B, L_txt) bool marks visible text tokens (Chroma: real + EOS + one pad); image tokens are always
         visible. Hidden tokens are never attended to, so they cannot influence the image: with `drop_masked` they
         are removed from the sequence up front (exact, and far cheaper than attending over 512 padded slots).
         `cache` (models.step_cache.StepCache) may skip most blocks on steps whose input barely changed.
+        For grids beyond the trained size: `rope_scaling` changes the image positions' embedding, `window` makes
+        image tokens attend within windows (both None: the reference model).
         """
         if mods is None:
             mods = self.modulations(timesteps, guidance, y)
@@ -375,26 +491,29 @@ class MMDiT(nn.Module):
             txt, txt_ids, txt_mask = drop_hidden_tokens(txt, txt_ids, txt_mask)
         dtype = self.img_in.weight.dtype
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
-        pe = position_embedding(torch.cat([txt_ids, img_ids], 1), self.params.axes_dim, self.params.theta)
+        pe = position_embedding(torch.cat([txt_ids, img_ids], 1), self.params.axes_dim, self.params.theta,
+                                rope_scaling)
         key_mask = None
         if txt_mask is not None:
             key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], 1)
 
+        if window is not None and window.grid[0] * window.grid[1] != img.shape[1]:
+            raise ValueError(f"window grid {window.grid} does not match {img.shape[1]} image tokens")
         if cache is None:
-            img = self.blocks(img, txt, mods, pe, key_mask)
+            img = self.blocks(img, txt, mods, pe, key_mask, window=window)
         else:
-            img = cache(self, img, txt, mods, pe, key_mask)
+            img = cache(self, img, txt, mods, pe, key_mask, window=window)
         return self.final_layer(img, mods.final)
 
     def blocks(self, img: Tensor, txt: Tensor, mods: Modulations, pe: Tensor, key_mask: Tensor | None,
-               start: int = 0) -> Tensor:
+               start: int = 0, window: WindowedAttention | None = None) -> Tensor:
         """Double blocks from number `start` on, then every single block; returns the image stream."""
         run = self._checkpointed if self.gradient_checkpointing and self.training else (lambda f, *a: f(*a))
         for block, (img_mod, txt_mod) in list(zip(self.double_blocks, mods.double))[start:]:
-            img, txt = run(block, img, txt, img_mod, txt_mod, pe, key_mask)
+            img, txt = run(block, img, txt, img_mod, txt_mod, pe, key_mask, window)
         x = torch.cat([txt, img], 1)
         for block, mod in zip(self.single_blocks, mods.single):
-            x = run(block, x, mod, pe, key_mask)
+            x = run(block, x, mod, pe, key_mask, window)
         return x[:, txt.shape[1]:]
 
     @staticmethod

@@ -4,13 +4,15 @@
 latent normalisation `z = scale * (mean - shift)` itself, so the rest of chromaflow only ever sees
 normalised latents. Weights load from a local diffusers folder or a BFL single-file `ae.safetensors`;
 the original <-> diffusers key mapping is one function (`_original_key`) used in both directions.
+`encode` / `decode` take `tile=` (pixels) to work tile by tile on large images: tiles overlap and are blended
+with linear ramps across the overlap, so memory is bounded by the tile size and seams do not show.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -88,20 +90,38 @@ class VAE(nn.Module):
     def downsample(self) -> int:
         return 2 ** (len(self.ae.config.block_out_channels) - 1)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8); the posterior mean, as BFL does."""
+    def encode(self, images: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8); the posterior mean, as BFL does.
+        `tile` / `overlap` (pixels, multiples of 8): encode tile by tile (overlap default: a quarter tile)."""
         d = self.downsample
         if images.shape[-2] % d or images.shape[-1] % d:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be divisible by {d}")
         p = next(self.parameters())
-        mean = self.ae.encode(images.to(p.device, p.dtype)).latent_dist.mean
+        images = images.to(p.device, p.dtype)
+        encode = lambda x: self.ae.encode(x).latent_dist.mean  # noqa: E731
+        mean = encode(images) if tile is None else tiled(encode, images, *self._tiling(tile, overlap), 1 / d)
         return (mean - self.shift_factor) * self.scaling_factor
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images, nominally in [-1, 1] (not clamped)."""
+    def decode(self, latents: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
+        """Normalised latents -> images, nominally in [-1, 1] (not clamped). `tile` / `overlap` as in encode."""
         p = next(self.parameters())
         z = latents.to(p.device, p.dtype) / self.scaling_factor + self.shift_factor
-        return self.ae.decode(z).sample
+        if tile is None:
+            return self.ae.decode(z).sample
+        d = self.downsample
+        tile, overlap = self._tiling(tile, overlap)
+        return tiled(lambda x: self.ae.decode(x).sample, z, tile // d, overlap // d, d)
+
+    def _tiling(self, tile: int, overlap: int | None) -> tuple[int, int]:
+        """Validated (tile, overlap) in pixels."""
+        d = self.downsample
+        overlap = (tile // 4) // d * d if overlap is None else overlap
+        if tile < 2 * d or tile % d:
+            raise ValueError(f"VAE tile must be a multiple of {d} pixels, at least {2 * d}; got {tile}")
+        if overlap < 0 or overlap % d or overlap >= tile:
+            raise ValueError(f"VAE tile overlap must be a multiple of {d} pixels below the tile ({tile}); "
+                             f"got {overlap}")
+        return tile, overlap
 
     def original_state_dict(self) -> dict[str, Tensor]:
         """The weights in BFL's single-file layout (`ae.safetensors`: `encoder.down.0.block.0...`)."""
@@ -161,6 +181,44 @@ class VAE(nn.Module):
 
 
 load_vae = VAE.load
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Starts of windows `tile` long, `stride` apart, covering [0, size): the last one ends at the edge (so it
+    may overlap its neighbour more), and a tile at least `size` long is one window at 0."""
+    if tile >= size:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def _ramp(n: int, width: int, rise: bool, fall: bool) -> Tensor:
+    """Blend weights along one side of a tile: linear over `width` at each end that meets a neighbour, never 0."""
+    i = torch.arange(n, dtype=torch.float32)
+    w = torch.ones(n)
+    if rise:
+        w = torch.minimum(w, (i + 1) / (width + 1))
+    if fall:
+        w = torch.minimum(w, (n - i) / (width + 1))
+    return w
+
+
+def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, scale: float) -> Tensor:
+    """fn over overlapping square tiles of x (B, C, H, W), blended: fn maps a tile of side n to one of side
+    n * scale; each output pixel is the ramp-weighted mean of the tiles covering it. Sizes in x's units."""
+    (H, W), step = x.shape[-2:], tile - overlap
+    out = weight = None
+    for y in tile_starts(H, tile, step):
+        for x0 in tile_starts(W, tile, step):
+            piece = fn(x[..., y:y + tile, x0:x0 + tile]).float()
+            if out is None:
+                out = piece.new_zeros(*piece.shape[:2], round(H * scale), round(W * scale))
+                weight = piece.new_zeros(round(H * scale), round(W * scale))
+            (h, w), top, left, ramp = piece.shape[-2:], round(y * scale), round(x0 * scale), round(overlap * scale)
+            wy = _ramp(h, ramp, y > 0, y + tile < H).to(piece.device)
+            wx = _ramp(w, ramp, x0 > 0, x0 + tile < W).to(piece.device)
+            out[..., top:top + h, left:left + w] += piece * (wy[:, None] * wx)
+            weight[top:top + h, left:left + w] += wy[:, None] * wx
+    return out / weight
 
 
 def pack(latents: Tensor) -> Tensor:

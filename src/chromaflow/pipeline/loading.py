@@ -5,8 +5,11 @@ Accepted:
 - "tiny": a randomly initialised tiny model for tests;
 - a chromaflow model folder (`model.json` + transformer + text_encoder/ + vae/);
 - a diffusers pipeline folder (`model_index.json` with transformer/, text_encoder/, tokenizer/, vae/);
-- a bare transformer checkpoint (original or diffusers layout) plus `text_encoder=` and `vae=` paths.
-Only local files are read; nothing is downloaded.
+- a bare transformer checkpoint (original or diffusers layout, safetensors or GGUF) plus `text_encoder=` and
+  `vae=` paths.
+`quantize=` keeps the transformer's weights compact ("Q8_0", "Q4_K", "int8", "fp8", "nf4"); `loras=[(path,
+strength), ...]` applies LoRA files (kohya, diffusers or original naming). Only local files are read; nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 
 from ..formats.checkpoint import atomic_write
 from ..formats.layouts import load_transformer, save_transformer
+from ..models.lora import LoRASpec, apply_loras
+from ..models.quant import quantize_model
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, load_text_encoder
 from ..models.transformer import build, preset
 from ..models.vae import VAE, small_vae_config
@@ -61,11 +66,11 @@ def _defaults(raw: dict | None, base: Defaults | None = None) -> Defaults:
     return Defaults(**{**(vars(base) if base else {}), **{k: v for k, v in (raw or {}).items() if k in known}})
 
 
-def load_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) -> Pipeline:
+def load_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None) -> Pipeline:
     """A chromaflow model folder: model.json names the transformer file and the encoder / VAE folders."""
     manifest = json.loads((folder / "model.json").read_text())
     weights = folder / manifest.get("transformer", "transformer.safetensors")
-    transformer, _ = load_transformer(weights, dtype=dtype, device=device)
+    transformer, _ = load_transformer(weights, dtype=dtype, device=device, quantize=quantize)
     text = load_text_encoder(folder / manifest.get("text_encoder", "text_encoder"))
     vae = VAE.load(folder / manifest.get("vae", "vae"))
     return Pipeline(transformer, text, vae.to(device), name=manifest.get("name", folder.name),
@@ -79,7 +84,8 @@ def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(dtype) if dtype is not None else v for k, v in pipe.transformer.state_dict().items()}
-    save_transformer(state, folder / "transformer.safetensors", params=pipe.transformer.params, title=pipe.name)
+    save_transformer(state, folder / "transformer.safetensors", params=pipe.transformer.params, title=pipe.name,
+                     resolution=f"{pipe.defaults.width}x{pipe.defaults.height}")
     if dtype is not None:
         pipe.text_encoder.to(dtype)  # exporting: the pipeline's own encoder is converted too
     pipe.text_encoder.save(folder / "text_encoder")
@@ -94,8 +100,9 @@ def save_folder(pipe: Pipeline, folder: str | Path, card: str | None = None,
     return folder
 
 
-def load_diffusers_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None) -> Pipeline:
-    transformer, _ = load_transformer(folder / "transformer", dtype=dtype, device=device)
+def load_diffusers_folder(folder: Path, device="cpu", dtype: torch.dtype | None = None,
+                          quantize: str | None = None) -> Pipeline:
+    transformer, _ = load_transformer(folder / "transformer", dtype=dtype, device=device, quantize=quantize)
     tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
     text = load_text_encoder(folder / "text_encoder", tokenizer_path=tokenizer, dtype=dtype, device=device)
     vae = VAE.load(folder / "vae")
@@ -103,29 +110,40 @@ def load_diffusers_folder(folder: Path, device="cpu", dtype: torch.dtype | None 
 
 
 def load(path_or_name: str | Path = "default", *, text_encoder: str | Path | None = None,
-         vae: str | Path | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> Pipeline:
+         vae: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quantize: str | None = None, loras: list[LoRASpec] | None = None, lora_mode: str = "auto") -> Pipeline:
+    """A Pipeline; with `loras`, `pipe.applied_loras` holds what was applied (`.reports`, `.remove()`)."""
+    pipe = _load(path_or_name, text_encoder, vae, device, dtype, quantize)
+    if loras:
+        pipe.applied_loras = apply_loras(pipe.transformer, loras, lora_mode)
+    return pipe
+
+
+def _load(path_or_name, text_encoder, vae, device, dtype, quantize) -> Pipeline:
     name = str(path_or_name)
     if name == "default":
         if (BUILTIN_DIR / "model.json").is_file():
-            return load_folder(BUILTIN_DIR, device, dtype)
+            return load_folder(BUILTIN_DIR, device, dtype, quantize)
         warnings.warn("the built-in model has no trained weights yet: generating with RANDOM weights (noise images)")
         return random_pipeline("default", device=device)
     if name in _RANDOM:
-        return random_pipeline(name, device=device)
+        pipe = random_pipeline(name, device=device)
+        if quantize:
+            quantize_model(pipe.transformer, quantize)
+        return pipe
 
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {name!r}: no such file or folder, and not a built-in name "
                                 f"(built-in: {', '.join(_RANDOM)})")
     if path.is_dir() and (path / "model.json").is_file():
-        return load_folder(path, device, dtype)
+        return load_folder(path, device, dtype, quantize)
     if path.is_dir() and (path / "model_index.json").is_file():
-        return load_diffusers_folder(path, device, dtype)
+        return load_diffusers_folder(path, device, dtype, quantize)
     if text_encoder is None or vae is None:
         raise ValueError(f"{path} is a bare transformer checkpoint: pass text_encoder= (T5 folder) and vae= "
                          f"(VAE folder or ae.safetensors), or point at a model folder")
-    transformer, _ = load_transformer(path, dtype=dtype, device=device)
+    transformer, _ = load_transformer(path, dtype=dtype, device=device, quantize=quantize)
     text = load_text_encoder(Path(text_encoder), dtype=dtype, device=device)
     return Pipeline(transformer, text, VAE.load(Path(vae)).to(device), name=path.stem,
                     model_hash=file_hash(path) if path.is_file() else "", device=device)

@@ -7,6 +7,7 @@ The engine trains; this layer adds what needs a Pipeline: sample grids during tr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..engine import evaluate as bench
-from ..engine.train import FlowModel, TrainConfig, latest_checkpoint, train
+from ..engine.train import FlowModel, TrainConfig, base_model_files, latest_checkpoint, train
 from ..models.vae import VAE
 from .loading import save_folder
 from .pipeline import Defaults, Pipeline
@@ -76,10 +77,12 @@ def recipe(preset_or_path: str) -> dict:
     return raw if "train" in raw else {"train": raw}
 
 
-def preview_grid(model: FlowModel, vae: VAE, path: Path, defaults: dict | None = None) -> None:
+def preview_grid(model: FlowModel, vae: VAE, path: Path | None, defaults: dict | None = None) -> None:
+    """Sample the preview prompts; `path` None only computes (the other ranks of a sharded model take part)."""
     pipe = Pipeline(model.transformer, model.text, vae, defaults=Defaults(**(defaults or {})))
     images = pipe(SAMPLE_PROMPTS, seed=0, progress=False).images
-    bench.sample_grid(images, SAMPLE_PROMPTS, str(path), cols=len(images))
+    if path is not None:
+        bench.sample_grid(images, SAMPLE_PROMPTS, str(path), cols=len(images))
 
 
 def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, batch_size: int = 16,
@@ -100,12 +103,15 @@ def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, b
 
 def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
         stop_after: int | None = None) -> Path | None:
-    """Train every stage of a recipe into out_dir; returns the exported model folder once training completes."""
+    """Train every stage of a recipe into out_dir; returns the exported model folder once training completes (for a
+    LoRA recipe: the folder holding the LoRA files, evaluated with the LoRA applied)."""
     spec = recipe(preset_or_path)
     cfg = TrainConfig.from_dict(spec["train"])
     out = Path(out_dir or Path("runs") / cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if not cfg.vae and cfg.base:
+        cfg.vae = str(base_model_files(cfg.base)[2] or "")
     if not cfg.vae:
         if "vae" not in spec:
             raise ValueError("the config names no `vae` folder and has no `vae` training stage")
@@ -122,12 +128,14 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
                   preview=lambda m, vae, path: preview_grid(m, vae, path, cfg.defaults))
     ckpt = latest_checkpoint(out / "dit")
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
-    if state.get("step", 0) < cfg.total_steps:
-        return None
+    if state.get("step", 0) < cfg.total_steps or int(os.environ.get("RANK", "0")) != 0:
+        return None  # unfinished; or under torchrun, a rank other than 0 (rank 0 evaluates and exports)
     vae = VAE.load(cfg.vae)
     pipe = Pipeline(model.transformer, model.text, vae, name=cfg.name, defaults=Defaults(**cfg.defaults))
     report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), **spec.get("eval", {}))
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
+        return out / "dit"
     hours = (state.get("wall_time", 0.0) + _vae_hours(out) * 3600) / 3600
     card = model_card(preset_or_path, cfg, report, hours, time.time() - started)
     folder = save_folder(pipe, out / "model", card=card, dtype=torch.bfloat16)
