@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from chromaflow.benchmark import emit
+
 FORMATS = ["bf16", "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "int8", "fp8", "nf4"]
 QUICK_FORMATS = ["bf16", "Q8_0", "Q4_K", "Q4_0", "int8", "fp8", "nf4"]
 
@@ -155,11 +157,7 @@ def main() -> None:
         folder = Path(args.keep) if args.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         report = run(model, formats, side, args.text, repeats, folder, log)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    print(table(report))
+    emit(report, table(report), args.out)
 
 
 if __name__ == "__main__":

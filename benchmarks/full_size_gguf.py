@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from chromaflow.benchmark import emit
+
 VAE_FACTOR, PATCH = 8, 2  # the Flux VAE downsamples 8x; the transformer packs 2x2 latent patches
 
 
@@ -234,11 +236,7 @@ def main() -> None:
             with open_checkpoint(Path(tmp) / "ours.safetensors") as a, \
                     open_checkpoint(Path(tmp) / "peer.safetensors") as b:
                 report["peer_rel_diff"] = float((a.get("v") - b.get("v")).norm() / b.get("v").norm())
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    print(table(report))
+    emit(report, table(report), args.out)
 
 
 if __name__ == "__main__":

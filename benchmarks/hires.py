@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 import chromaflow
-from chromaflow.benchmark import peak_rss_mb
+from chromaflow.benchmark import emit, peak_rss_mb
 from chromaflow.engine.evaluate import benchmark_prompts, detect, evaluate_images, sample_grid
 from chromaflow.models.transformer import WindowedAttention, attention, image_ids, position_embedding
 
@@ -239,12 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     if "duplication" in args.parts:
         result["duplication"] = run_duplication(args.model, args.device, native, steps, args.n, args.scales,
                                                 args.batch, args.grid)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    print(markdown(result))
+    emit(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

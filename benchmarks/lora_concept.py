@@ -14,7 +14,6 @@ compositional benchmark (all-correct) shows whether anything was forgotten. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import chromaflow
+from chromaflow.benchmark import emit
 from chromaflow.engine import shapes
 from chromaflow.engine.train import ShapesData, TrainConfig, train
 from chromaflow.pipeline.training import evaluate_pipeline
@@ -178,11 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
         report = run(args, folder, log)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    print(table(report))
+    emit(report, table(report), args.out)
 
 
 if __name__ == "__main__":

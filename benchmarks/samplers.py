@@ -11,10 +11,10 @@ CFG++ samplers take cfg / 12.5 as their lambda (A1111's mapping of a CFG scale o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import chromaflow
+from chromaflow.benchmark import emit
 from chromaflow.engine import sampling
 from chromaflow.engine.evaluate import METRICS
 from chromaflow.pipeline.training import evaluate_pipeline
@@ -89,12 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     names = [sampling.resolve_sampler(s)[0] for s in args.samplers]
     result = run(args.model, names, args.steps, args.n, args.seed, args.scheduler, args.cfg)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    print(markdown(result))
+    emit(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

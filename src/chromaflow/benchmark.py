@@ -18,6 +18,7 @@ import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -324,3 +325,12 @@ def table(report: dict) -> str:
 
 def dumps(report: dict) -> str:
     return json.dumps(report, indent=1)
+
+
+def emit(report: dict, markdown: str, out: str | None = None, json_only: bool = False) -> None:
+    """How every benchmark reports: the JSON (also written to `out`), then its markdown table."""
+    if out:
+        Path(out).write_text(dumps(report) + "\n")
+    print(dumps(report))
+    if not json_only:
+        print(markdown)

@@ -90,6 +90,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     # under torchrun: ddp (replicated) | fsdp (weights, gradients and optimizer state sharded across ranks)
     parallel: str = "ddp"
+    device: str = ""  # "" picks cuda (this rank's GPU under torchrun) when there is one, else cpu
+    # processes rendering batches ahead; -1: none on a CPU (its cores train), 8 beside a GPU (whose steps outrun one
+    # core's rendering). Batches depend only on their position, so any count gives the same run.
+    data_workers: int = -1
     bf16: bool = True
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -247,6 +251,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.Generator:
     seed = int(np.random.SeedSequence([cfg.seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator().manual_seed(seed)
@@ -262,6 +274,27 @@ def make_data(cfg: TrainConfig, vae: VAE | None = None):
         return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"})
     from .data import make_dataset  # image folders, JSONL manifests, buckets, latent caches
     return make_dataset(cfg.data, vae=vae)
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    def __init__(self, data, plan: list[tuple[int, int, int]]):
+        self.data, self.plan = data, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int):
+        return self.data.batch(*self.plan[i])
+
+
+def batch_stream(data, plan: list[tuple[int, int, int]], workers: int = 0):
+    """The batches of `plan` ((number, batch_size, size) each) in order; with workers, rendered ahead in
+    subprocesses."""
+    if workers <= 0:
+        return (data.batch(*key) for key in plan)
+    loader = torch.utils.data.DataLoader(_PlannedBatches(data, plan), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4)
+    return iter(loader)
 
 
 class ShapesData:
@@ -294,7 +327,8 @@ def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor
                 tensors[f"{names[id(p)]}.{key}"] = value
             else:
                 scalars.setdefault(names[id(p)], {})[key] = value
-    weights, ema, tensors = (full_tensors(d) for d in (model.trained_state(), ema, tensors))
+    weights, ema, tensors = ({k: v.cpu() for k, v in full_tensors(d).items()}
+                             for d in (model.trained_state(), ema, tensors))
     if not write:
         return folder
     tmp = out_dir / f".ckpt-{step:08d}.tmp"
@@ -333,7 +367,7 @@ def load_state(folder: Path, model: FlowModel, ema: dict[str, Tensor], opt: torc
         per_param[name]["step"] = torch.tensor(step)
     for name, p in model.named_parameters():
         if name in per_param:
-            opt.state[p] = {k: like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+            opt.state[p] = {k: like(v.to(p.device), p) if torch.is_tensor(v) and v.shape == p.shape else v
                             for k, v in per_param[name].items()}
     return state
 
@@ -359,14 +393,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     replaces the configured source (anything with `batch(number, batch_size, size)`)."""
     out_dir = Path(out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = training_device(cfg)
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     transformer, text, vae = build_models(cfg)
     vae.ae.disable_slicing()  # encode whole batches (one-at-a-time slicing is for reproducible inference)
-    vae.to(memory_format=torch.channels_last)  # oneDNN's preferred layout for CPU convs
+    vae.to(device, memory_format=torch.channels_last)  # oneDNN's preferred layout for CPU convs
+    transformer.to(device)
+    text.to(device)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora and "rank" not in cfg.lora:
         raise ValueError("the `lora` config needs a rank, e.g. {\"rank\": 16}")
@@ -395,13 +432,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     if ckpt is not None:
         state = load_state(ckpt, model, ema, opt)
         step, wall = state["step"], state.get("wall_time", 0.0)
-    net = nn.parallel.DistributedDataParallel(model) if distributed and not sharded else model
+    net = model
+    if distributed and not sharded:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     data = data if data is not None else make_data(cfg, vae)
 
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = open(out_dir / "metrics.jsonl", "a") if main else None
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
+    # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
+    plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)))
+            for s in range(step, end) for micro in range(cfg.grad_accum)]
+    workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
+    batches = batch_stream(data, plan, workers)
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
     last_ckpt_time, started = time.time(), time.time() - wall
     samples_done, rate_start = 0, time.time()
@@ -415,8 +459,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 gen = step_generator(cfg, step, micro, rank)
-                number = (step * cfg.grad_accum + micro) * world + rank
-                loss = flow_loss(net, vae, data, cfg, size, batch_size, number, gen) / cfg.grad_accum
+                loss = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False), cfg, gen)
+                loss = loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -461,7 +505,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         if sharded:  # hand back a whole model (export and evaluation need every weight)
             weights = full_tensors(model.trained_state())
             torch.manual_seed(cfg.seed)
-            model = FlowModel(*build_models(cfg)[:2], cfg.train_text_encoder, cfg.lora)
+            model = FlowModel(*build_models(cfg)[:2], cfg.train_text_encoder, cfg.lora).to(device)
             model.load_trained_state(weights)
         if main:
             loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
@@ -474,26 +518,27 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     return model
 
 
-def flow_loss(net: nn.Module, vae: VAE, data, cfg: TrainConfig, size: int, batch_size: int, number: int,
+def flow_loss(net: nn.Module, vae: VAE, batch: tuple[Tensor, list[str]], latent_batch: bool, cfg: TrainConfig,
               gen: torch.Generator) -> Tensor:
-    images, captions = data.batch(number, batch_size, size)
-    if getattr(data, "returns_latents", False):
-        latents = images  # from a latent cache: already encoded
+    device = next(net.parameters()).device
+    images, captions = batch
+    if latent_batch:
+        latents = images.to(device)  # from a latent cache: already encoded
     else:
         with torch.no_grad():
-            latents = vae.encode(images.contiguous(memory_format=torch.channels_last)).contiguous()
+            latents = vae.encode(images.to(device).contiguous(memory_format=torch.channels_last)).contiguous()
     b, _, h, w = latents.shape
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)  # on the CPU generator: the same numbers on any device
     if cfg.ot_pairing and b > 1:
-        noise = flow.ot_pair(latents, noise)
+        noise = flow.ot_pair(latents.cpu(), noise)
     shift = flow.resolution_shift(cfg.timestep_shift, (h // 2) * (w // 2))
     t = flow.sample_timesteps(b, gen, cfg.timesteps, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                              mode_scale=cfg.mode_scale, shift=shift)
-    x_t, target = flow.flow_pair(pack(latents), pack(noise), t)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        pred = net(x_t, image_ids(b, h // 2, w // 2), t, captions)
+                              mode_scale=cfg.mode_scale, shift=shift).to(device)
+    x_t, target = flow.flow_pair(pack(latents), pack(noise.to(device)), t)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        pred = net(x_t, image_ids(b, h // 2, w // 2, device), t, captions)
     return (pred.float() - target).square().mean()
 
 

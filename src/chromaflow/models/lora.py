@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

@@ -79,7 +79,8 @@ def recipe(preset_or_path: str) -> dict:
 
 def preview_grid(model: FlowModel, vae: VAE, path: Path | None, defaults: dict | None = None) -> None:
     """Sample the preview prompts; `path` None only computes (the other ranks of a sharded model take part)."""
-    pipe = Pipeline(model.transformer, model.text, vae, defaults=Defaults(**(defaults or {})))
+    pipe = Pipeline(model.transformer, model.text, vae, defaults=Defaults(**(defaults or {})),
+                    device=next(model.transformer.parameters()).device)
     images = pipe(SAMPLE_PROMPTS, seed=0, progress=False).images
     if path is not None:
         bench.sample_grid(images, SAMPLE_PROMPTS, str(path), cols=len(images))
@@ -130,8 +131,10 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     if state.get("step", 0) < cfg.total_steps or int(os.environ.get("RANK", "0")) != 0:
         return None  # unfinished; or under torchrun, a rank other than 0 (rank 0 evaluates and exports)
-    vae = VAE.load(cfg.vae)
-    pipe = Pipeline(model.transformer, model.text, vae, name=cfg.name, defaults=Defaults(**cfg.defaults))
+    device = next(model.transformer.parameters()).device  # where training ran: evaluate there too
+    vae = VAE.load(cfg.vae).to(device)
+    pipe = Pipeline(model.transformer, model.text, vae, name=cfg.name, defaults=Defaults(**cfg.defaults),
+                    device=device)
     report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), **spec.get("eval", {}))
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
