@@ -5,8 +5,10 @@ import json
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from chromaflow.engine.train import TrainConfig, train
 from chromaflow.formats.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
@@ -310,3 +312,19 @@ def test_cli_trains_a_lora_recipe_on_a_model_folder(tmp_path):
     lora = tmp_path / "run" / "dit" / "mine-lora.safetensors"
     pipe = load(base, loras=[(lora, 1.0)])  # text encoder and VAE came from the base folder
     assert pipe.applied_loras.reports[0]["patched_layers"] == 2 * 8 + 2 * 2
+
+
+def test_generate_flag_applies_a_lora_with_its_strength(tmp_path):
+    from chromaflow.cli import main
+    from chromaflow.pipeline.loading import load
+    shapes = linear_shapes(load("tiny").transformer)
+    path = save_lora({"single_blocks.0.linear2": (*pair(H, 5 * H), 2.0)}, tmp_path / "p.safetensors", shapes)
+    common = ["--model", "tiny", "--seed", "3", "--steps", "2", "--quiet"]
+
+    def pixels(name, *extra):
+        assert main(["generate", "a red circle", "-o", str(tmp_path / name), *common, *extra]) == 0
+        return np.asarray(Image.open(tmp_path / name))
+    plain = pixels("plain.png")
+    off = pixels("off.png", "--lora", f"{path}:0")
+    on = pixels("on.png", "--lora", f"{path}:1.5")
+    assert np.array_equal(plain, off) and not np.array_equal(plain, on)

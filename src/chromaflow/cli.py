@@ -22,6 +22,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _lora(text: str) -> tuple[str, float]:
+    path, sep, strength = text.rpartition(":")
+    if not sep or not path:
+        return text, 1.0
+    try:
+        return path, float(strength)
+    except ValueError:
+        return text, 1.0  # a colon inside the path, no strength
+
+
 def _sampler_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -104,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vae-tile", type=int, help="VAE encode / decode in tiles of this many pixels (a multiple of "
                    "8): memory bounded by the tile")
     g.add_argument("--model", default="default", help="built-in name (default, tiny) or a model folder / file path")
+    g.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:STRENGTH]",
+                   help="a LoRA file (kohya, diffusers/PEFT or original naming) and its strength (default 1); "
+                   "repeatable")
+    g.add_argument("--lora-mode", default="auto", choices=["auto", "merge", "runtime"],
+                   help="merge LoRAs into the weights, or add them at runtime (auto: merge unless quantized)")
+    g.add_argument("--quantize", metavar="TYPE",
+                   help="quantize the transformer while loading: Q8_0, Q4_K, ... (GGUF types), int8, fp8 or nf4")
     g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -201,7 +218,8 @@ def cmd_generate(args) -> int:
     from .pipeline.loading import load
     from .formats.png import save_png
 
-    pipe = load(args.model, text_encoder=args.text_encoder, vae=args.vae)
+    pipe = load(args.model, text_encoder=args.text_encoder, vae=args.vae, quantize=args.quantize, loras=args.lora,
+                lora_mode=args.lora_mode)
     result = pipe(args.prompt, negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg=args.cfg, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
                   scheduler=args.scheduler, shift=args.shift, cfg_mode=args.cfg_mode, cfg_rescale=args.cfg_rescale,

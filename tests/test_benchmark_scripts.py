@@ -1,0 +1,38 @@
+"""Every benchmark script runs end to end at its smoke size and prints a JSON report, so none can rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SMOKE = {
+    "transformer_curves.py": ["--quick", "--json"],
+    "samplers.py": ["--n", "1", "--steps", "2", "--samplers", "euler", "dpmpp_2m"],
+    "hires.py": ["--smoke"],
+    "formats.py": ["--quick"],
+    "full_size_gguf.py": ["--preset", "tiny", "--size", "64"],
+    "lora_concept.py": ["--quick"],
+}
+
+
+def first_json_object(text: str) -> dict:
+    """The report is the first JSON object printed (a markdown table may follow)."""
+    start = text.index("{")
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_smoke_run_prints_a_report(script, tmp_path):
+    out = tmp_path / "report.json"
+    args = SMOKE[script] + ([] if script == "transformer_curves.py" else ["--out", str(out)])
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = first_json_object(done.stdout)
+    assert report
+    if out.exists():
+        assert json.loads(out.read_text()) == report
