@@ -327,8 +327,8 @@ def save_state(out_dir: Path, step: int, model: FlowModel, ema: dict[str, Tensor
                 tensors[f"{names[id(p)]}.{key}"] = value
             else:
                 scalars.setdefault(names[id(p)], {})[key] = value
-    weights, ema, tensors = ({k: v.cpu() for k, v in full_tensors(d).items()}
-                             for d in (model.trained_state(), ema, tensors))
+    weights, ema, tensors = (full_tensors(d) for d in (model.trained_state(), ema, tensors))  # save_checkpoint
+    # moves each tensor to the CPU as it writes
     if not write:
         return folder
     tmp = out_dir / f".ckpt-{step:08d}.tmp"

@@ -29,9 +29,8 @@ from ..models.quant import quantize_model
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, load_text_encoder
 from ..models.transformer import build, preset
 from ..models.vae import VAE, small_vae_config
+from ..engine.train import BUILTIN_DIR  # the shipped model's folder (also a training base)
 from .pipeline import Defaults, Pipeline
-
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 
 # random-weight stand-ins: transformer preset, text encoder config, VAE config, generation defaults
 _RANDOM = {
