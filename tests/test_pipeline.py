@@ -63,6 +63,17 @@ def test_each_distinct_prompt_is_encoded_once_per_call(pipe, monkeypatch):
     assert seen == [["cat", "dog"]]
 
 
+def test_a_full_text_cache_keeps_the_prompts_of_the_current_call(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "text_cache_size", 2)
+    pipe.text_cache.clear()
+    pipe.encode_prompts([""])  # the oldest entry, as the negative prompt of every benchmark batch is
+    rows = pipe.encode_prompts(["a", "b", ""])  # three prompts, cache of two: none may be evicted before use
+    assert rows.embeds.shape[0] == 3
+    assert list(pipe.text_cache) == ["a", "b", ""]  # kept while in use; least recently used first
+    pipe.encode_prompts(["c"])
+    assert list(pipe.text_cache) == ["", "c"]
+
+
 def test_callback_previews_and_can_interrupt(pipe):
     steps_seen = []
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from chromaflow.engine.shapes import (BACKGROUNDS, COLORS, GAP, KINDS, LANGUAGES, SIZES, Obj, Scene, ShapesDataset,
-                                      caption, describe, relation_holds, render, ru_phrase, sample_scene)
+                                      LABEL_HEADS, PAIRS, caption, caption_labels, describe, relation_holds, render,
+                                      ru_phrase, sample_scene)
 
 SCENES = [sample_scene(np.random.default_rng([123, i]), KINDS[i % 4]) for i in range(200)]
 
@@ -119,3 +120,20 @@ def test_captions_cover_languages_and_name_the_right_words():
         assert not any(s in plain for s in w["small"]), plain
     assert describe(_scene("count", "circle", "orange", 3), "zh", np.random.default_rng(2), sized=False) \
         .replace("3个", "三个").find("三个橙色的圆形") >= 0
+
+
+def test_caption_labels_state_content_independent_of_word_order():
+    swapped = _pair("star", "white")
+    swapped.objects.reverse()
+    swapped.relation = "right of"  # the blue star right of the red circle: the same picture, said the other way
+    labels = caption_labels(_pair("star", "white"), sized=True)
+    assert labels == caption_labels(swapped, sized=True)
+    assert len(labels) == sum(n for _, _, n in LABEL_HEADS)
+    n = len(PAIRS)
+    red_circle, blue_star = PAIRS.index(("red", "circle")), PAIRS.index(("blue", "star"))
+    assert [i for i, c in enumerate(labels[:n]) if c] == sorted([red_circle, blue_star])
+    assert labels[n + red_circle] == 1 + list(SIZES).index("small")
+    assert caption_labels(_pair("star", "white"), sized=False)[n:2 * n] == [0] * n  # unnamed sizes are not a label
+    assert labels[-1] == list(BACKGROUNDS).index("white")
+    three = caption_labels(_scene("count", "circle", "orange", 3), sized=False)
+    assert three[PAIRS.index(("orange", "circle"))] == 3 and three[2 * n] == 0  # a count, no relation

@@ -175,6 +175,9 @@ def test_preset_tiny_trains_every_stage_and_exports_a_loadable_model(tmp_path, c
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert folder == tmp_path / "model" and (folder / "README.md").read_text().startswith("# chromaflow built-in")
     assert (folder / "samples.png").is_file() and (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "text_train" / "report.json").is_file()  # the text encoder's own stage ran first
+    assert json.loads((tmp_path / "dit" / "config.json").read_text())["text_encoder"] == {
+        "path": str(tmp_path / "text_train" / "text_encoder")}
     pipe = load(folder)
     assert pipe.transformer.img_in.weight.dtype == torch.bfloat16 and pipe("a red circle", seed=0).image.size == (64, 64)
 

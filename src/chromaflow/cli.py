@@ -177,7 +177,36 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peer", action="store_true", help="skip diffusers (ours only)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     b.add_argument("--out", help="also write the JSON report to this file")
+
+    s = sub.add_parser("serve", help="serve ComfyUI- and A1111-compatible APIs and a web page",
+                       description="An HTTP server that ComfyUI API clients (POST /prompt, /ws, /history, /view) and "
+                       "A1111/Forge API clients (/sdapi/v1/txt2img, img2img, progress, options) drive unchanged, "
+                       "plus a web page at /. One worker runs jobs in order; the model loads before the first "
+                       "request. Files live in DIR/output, input, temp and models (models/diffusion_models, "
+                       "text_encoders, vae, loras, checkpoints).")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1); another address needs --token or --allow-remote")
+    s.add_argument("--port", type=int, default=8188, help="port (default 8188, ComfyUI's; A1111 clients: any)")
+    s.add_argument("--model", default="default", help="built-in model name or model folder to serve (default: default)")
+    s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' or ?token=TOKEN on every route")
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host without --token")
+    s.add_argument("--dir", default=".", help="folder holding output/, input/, temp/, models/ (default: .)")
+    s.add_argument("--max-queue", type=_positive, default=100, help="pending jobs before new ones get 503 (default 100)")
+    s.add_argument("--max-pixels", type=_positive, default=2048 * 2048,
+                   help="largest width x height x batch of one job (default 4194304)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     return ap
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra: pip install 'chromaflow[serve]' ({e})") from None
+    serve(ServerConfig(host=args.host, port=args.port, model=args.model, token=args.token,
+                       allow_remote=args.allow_remote, base_dir=args.dir, max_queue=args.max_queue,
+                       max_pixels=args.max_pixels, max_upload_mb=args.max_upload_mb))
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -306,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-                    "convert": cmd_convert, "bench": cmd_bench}
+                    "convert": cmd_convert, "bench": cmd_bench, "serve": cmd_serve}
         return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -374,12 +374,43 @@ def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool 
     return text + ("." if rng.random() < 0.2 else "")
 
 
+SIZE_MENTION = 0.6  # share of captions that name each object's size class
+
+
 def caption(scene: Scene, rng: np.random.Generator, language: str | None = None, languages=LANGUAGES,
-            weights=None, split: str = "train") -> tuple[str, str]:
-    """(text, language): a random template, language (from `languages`/`weights` unless given) and size mention."""
+            weights=None, split: str = "train", with_sized: bool = False):
+    """(text, language): a random template, language (from `languages`/`weights` unless given) and size mention;
+    with_sized adds whether the sizes were named: (text, language, sized)."""
     if language is None:
         language = languages[int(rng.choice(len(languages), p=_normalise(weights, len(languages))))]
-    return describe(scene, language, rng, sized=bool(rng.random() < 0.6), split=split), language
+    sized = bool(rng.random() < SIZE_MENTION)
+    text = describe(scene, language, rng, sized=sized, split=split)
+    return (text, language, sized) if with_sized else (text, language)
+
+
+# --- what a caption says, as class labels (targets for pretraining the text encoder) ------------------------------
+
+PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # every (colour, shape) the world can name
+# (head, classes, heads of that kind): per pair its count 0-3 and named size (none/small/large); the relation of the
+# lower-numbered pair to the other (none + RELATIONS); the background
+LABEL_HEADS = (("count", 4, len(PAIRS)), ("size", 3, len(PAIRS)), ("relation", 1 + len(RELATIONS), 1),
+               ("background", len(BACKGROUNDS), 1))
+
+
+def caption_labels(scene: Scene, sized: bool) -> list[int]:
+    """Everything a caption of `scene` states, independent of language, template and word order: one class index
+    per head of LABEL_HEADS, in order."""
+    count, size = [0] * len(PAIRS), [0] * len(PAIRS)
+    for o in scene.objects:
+        k = PAIRS.index((o.color, o.shape))
+        count[k] += 1
+        size[k] = 1 + list(SIZES).index(o.size) if sized else 0
+    relation = 0
+    if scene.relation:
+        a, b = (PAIRS.index((o.color, o.shape)) for o in scene.objects[:2])
+        rel = scene.relation if a < b else _INVERSE[scene.relation]  # "A left of B" == "B right of A"
+        relation = 1 + RELATIONS.index(rel)
+    return count + size + [relation, list(BACKGROUNDS).index(scene.background)]
 
 
 def _normalise(weights, n):

@@ -195,9 +195,14 @@ def base_model_files(base: str) -> tuple[Path, Path | None, Path | None]:
     return path, None, None
 
 
-def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
+def transformer_params(cfg: TrainConfig) -> MMDiTParams:
+    """The DiT's shape: a preset with overrides, or every field given."""
     params = dict(cfg.model)
     base = params.pop("preset", "default")
+    return preset(base, **params) if isinstance(base, str) else MMDiTParams.from_dict(params)
+
+
+def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
     text_path, vae_path = cfg.text_encoder.get("path"), cfg.vae
     if cfg.base:
         from ..formats.layouts import load_transformer
@@ -205,7 +210,7 @@ def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
         transformer, _ = load_transformer(weights, dtype=torch.float32)
         text_path, vae_path = text_path or base_text, vae_path or base_vae
     else:
-        transformer = build(preset(base, **params) if isinstance(base, str) else MMDiTParams.from_dict(params))
+        transformer = build(transformer_params(cfg))
     if text_path:
         text = load_text_encoder(text_path)
     else:

@@ -100,9 +100,11 @@ class Pipeline:
             for i, p in enumerate(new):  # each prompt's visible tokens (real + one pad) alone, for any batch later
                 mask = chroma_mask(enc.mask[i:i + 1])[0]
                 self.text_cache[p] = enc.embeds[i][mask]
-        while len(self.text_cache) > self.text_cache_size:
-            self.text_cache.pop(next(iter(self.text_cache)))
         rows = [self.text_cache[p] for p in prompts]
+        for p in unique:  # least recently used first, so eviction never drops a prompt of this call
+            self.text_cache[p] = self.text_cache.pop(p)
+        while len(self.text_cache) > max(self.text_cache_size, len(unique)):
+            self.text_cache.pop(next(iter(self.text_cache)))
         length = max(len(r) for r in rows)
         embeds = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - len(r))) for r in rows])
         mask = torch.arange(length)[None] < torch.tensor([len(r) for r in rows])[:, None]

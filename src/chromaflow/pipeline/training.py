@@ -1,5 +1,5 @@
-"""Training recipes and their driver: `chromaflow train --preset default` trains the VAE, then the DiT and text
-encoder, then exports a model folder with a model card (eval table, sample grid, wall time).
+"""Training recipes and their driver: `chromaflow train --preset default` trains the VAE and the text encoder,
+then the DiT, then exports a model folder with a model card (eval table, sample grid, wall time).
 
 The engine trains; this layer adds what needs a Pipeline: sample grids during training, the benchmark, export.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..engine import evaluate as bench
-from ..engine.train import FlowModel, TrainConfig, base_model_files, latest_checkpoint, train
+from ..engine.train import FlowModel, TrainConfig, base_model_files, latest_checkpoint, train, transformer_params
 from ..models.vae import VAE
 from .loading import save_folder
 from .pipeline import Defaults, Pipeline
@@ -28,12 +28,13 @@ SAMPLE_PROMPTS = ["a red circle", "a blue square above a yellow star", "two gree
 PRESETS: dict[str, dict] = {
     "default": {
         "vae": "builtin",  # engine.train_vae.train_builtin_vae: two stages, ~25 min
+        "text": {"encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},  # train_text
+                 "steps": 3000, "batch_size": 64, "lr": 2e-3},
         "train": {
             "name": "default",
             "model": {"preset": "default"},
-            "text_encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
+            "train_text_encoder": False,  # pretrained by the "text" stage, then frozen (as T5 is for Chroma)
             "data": {"kind": "shapes", "seed": 0},
-            "text_encoder_frozen_steps": 400, "text_encoder_lr": 0.5,
             # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only
             "stages": [{"steps": 4000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
                        {"steps": 1500, "size": 256, "batch_size": 32}],
@@ -47,9 +48,10 @@ PRESETS: dict[str, dict] = {
         "vae": {"vae": {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 1},
                 "image_size": 32, "scene_sizes": [32, 64], "batch_size": 4, "steps": 4, "eval_images": 2,
                 "stats_images": 4, "stats_size": 64, "final_images": 2},
+        "text": {"encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 64}, "steps": 3, "batch_size": 4,
+                 "eval_captions": 6},
         "train": {
             "name": "tiny", "model": {"preset": "tiny"},
-            "text_encoder": {"width": 32, "depth": 1, "heads": 2, "max_length": 64},
             "stages": [{"steps": 4, "size": [32, 64], "batch_size": [4, 2]}], "warmup_steps": 2,
             "checkpoint_every": 2, "defaults": {"width": 64, "height": 64, "steps": 3, "cfg": 2.0},
         },
@@ -125,6 +127,14 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
             cfg.vae = str(out / "vae_train" / "vae")
             if not Path(cfg.vae, "config.json").is_file():
                 train_vae(VAETrainConfig(**spec["vae"]), out / "vae_train", resume=resume, progress=progress)
+    if "text" in spec and not cfg.text_encoder.get("path"):
+        from ..engine.train_text import TextTrainConfig, train_text_encoder
+        folder = out / "text_train" / "text_encoder"
+        if not (folder / "config.json").is_file():
+            text = {**spec["text"], "encoder": {"out_dim": transformer_params(cfg).context_in_dim,
+                                                **spec["text"].get("encoder", {})}}
+            train_text_encoder(TextTrainConfig(**text), folder.parent, progress=progress)
+        cfg.text_encoder = {"path": str(folder)}
     model = train(cfg, out / "dit", resume=resume, progress=progress, stop_after=stop_after,
                   preview=lambda m, vae, path: preview_grid(m, vae, path, cfg.defaults))
     ckpt = latest_checkpoint(out / "dit")
@@ -139,17 +149,17 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
         return out / "dit"
-    hours = (state.get("wall_time", 0.0) + _vae_hours(out) * 3600) / 3600
+    hours = state.get("wall_time", 0.0) / 3600 + _stage_hours(out)
     card = model_card(preset_or_path, cfg, report, hours, time.time() - started)
     folder = save_folder(pipe, out / "model", card=card, dtype=torch.bfloat16)
     shutil.copyfile(out / "dit" / "samples-final.png", folder / "samples.png")
     return folder
 
 
-def _vae_hours(out: Path) -> float:
-    """Training time of every VAE stage, from the last `elapsed_s` of each metrics log."""
+def _stage_hours(out: Path) -> float:
+    """Training time of the VAE and text-encoder stages, from the last `elapsed_s` of each metrics log."""
     total = 0.0
-    for metrics in (out / "vae_train").rglob("metrics.jsonl"):
+    for metrics in [*(out / "vae_train").rglob("metrics.jsonl"), *(out / "text_train").rglob("metrics.jsonl")]:
         total += max((json.loads(line).get("elapsed_s", 0.0) for line in metrics.read_text().splitlines() if line),
                      default=0.0)
     return total / 3600

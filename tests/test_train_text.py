@@ -1,0 +1,31 @@
+"""Pretraining the byte-level text encoder on caption content: batches, learning, the saved folder."""
+
+import json
+
+import torch
+
+from chromaflow.engine.shapes import LABEL_HEADS, LANGUAGES
+from chromaflow.engine.train_text import TextTrainConfig, caption_batch, train_text_encoder
+from chromaflow.models.text import ByteTextEncoder, load_text_encoder
+
+
+def test_caption_batches_are_deterministic_and_mix_languages():
+    texts, labels, languages = caption_batch(0, 7, 40)
+    again = caption_batch(0, 7, 40)
+    assert texts == again[0] and torch.equal(labels, again[1])
+    assert texts != caption_batch(0, 8, 40)[0]
+    assert labels.shape == (40, sum(n for _, _, n in LABEL_HEADS))
+    assert set(languages) == set(LANGUAGES)
+
+
+def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_path):
+    cfg = TextTrainConfig(encoder={"width": 32, "depth": 1, "heads": 2, "max_length": 96, "pool": 2}, steps=120,
+                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30)
+    folder = train_text_encoder(cfg, tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]  # well below the start (chance on every head)
+    report = json.loads((tmp_path / "report.json").read_text())["held_out"]
+    assert {"all_correct", "count", "relation", *LANGUAGES} <= set(report)
+    assert report["background"] > 0.5  # the easiest head: one word
+    encoder = load_text_encoder(folder)
+    assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2
