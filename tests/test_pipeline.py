@@ -137,3 +137,13 @@ def test_a_flux_transformer_is_refused_with_a_reason(pipe):
     from chromaflow.pipeline.pipeline import Pipeline
     with pytest.raises(ValueError, match="CLIP"):
         Pipeline(build("tiny-flux"), pipe.text_encoder, pipe.vae)
+
+
+
+def test_compiled_blocks_give_the_eager_image(pipe):
+    compiled = random_pipeline("tiny").compile()
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), compiled.transformer.parameters()))
+    for size, prompt in ((64, "a red circle"), (96, "two blue squares on a gray background")):  # new shapes
+        eager = pixels(pipe(prompt, width=size, height=size, steps=2, seed=3, progress=False).image)
+        fast = pixels(compiled(prompt, width=size, height=size, steps=2, seed=3, progress=False).image)
+        assert (eager.float() - fast.float()).abs().mean() < 1.0  # of 255: fused kernels round differently

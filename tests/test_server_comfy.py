@@ -150,7 +150,7 @@ def test_upload_img2img_inpaint_and_custom_sampler(live, tmp_path):
     assert Image.open(io.BytesIO(api.get_image(preview["filename"], "", "temp"))).size == (32, 32)
     saved = h["outputs"]["9"]["images"][0]
     meta = Image.open(io.BytesIO(api.get_image(saved["filename"], "", "output"))).text
-    assert "Sampler: Dpmpp 2M" in meta["parameters"] and "Schedule type: Beta" in meta["parameters"]
+    assert "Sampler: DPM++ 2M" in meta["parameters"] and "Schedule type: Beta" in meta["parameters"]
 
 
 def test_queue_front_delete_and_interrupt(live):

@@ -15,10 +15,9 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from playwright import sync_api as playwright  # pip install -e '.[test]' installs it
 
 from test_server_support import running_server
-
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 
 
 def chromium() -> str:

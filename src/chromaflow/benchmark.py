@@ -294,6 +294,10 @@ def run(model: str = "default", quick: bool = False, repeats: int | None = None,
     report["txt2img"] = bench_txt2img(pipe, "a red circle above a blue square", size, steps, 4.0, repeats, peer)
     report["txt2img"].update(ours_s=report["txt2img"]["ours"]["median"],
                              peer_s=report["txt2img"].get("peer", {}).get("median"))
+    log("txt2img, compiled blocks")  # the warm-up call pays the compile
+    report["txt2img_compiled"] = bench_txt2img(pipe.compile(), "a red circle above a blue square", size, steps, 4.0,
+                                               repeats, peer=False)
+    report["txt2img_compiled"]["speedup"] = report["txt2img"]["ours_s"] / report["txt2img_compiled"]["ours"]["median"]
     log("training step")
     params = pipe.transformer.params
     report["train"] = bench_train(params, side, 16, batch=4 if quick else 16, repeats=repeats, peer=peer)
@@ -314,6 +318,10 @@ def table(report: dict) -> str:
     ti = report["txt2img"]
     rows.append(f"| txt2img s ({ti['size']} px, {ti['steps']} steps, cfg {ti['cfg']}) | {fmt(ti['ours_s'])} | "
                 f"{fmt(ti['peer_s'])} | {fmt(ti.get('ratio'), 'x')} | |")
+    tc = report.get("txt2img_compiled")
+    if tc:
+        rows.append(f"| txt2img s, torch.compile'd blocks | {fmt(tc['ours']['median'])} | | "
+                    f"{fmt(tc['speedup'], 'x')} vs eager | |")
     rows.append(f"| ... text encode / sampling / VAE decode s | {fmt(ti['text_encode']['median'])} / "
                 f"{fmt(ti['sampling'])} / {fmt(ti['vae_decode']['median'])} | | | |")
     tn = report["train"]

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge LoRAs into the weights, or add them at runtime (auto: merge unless quantized)")
     g.add_argument("--quantize", metavar="TYPE",
                    help="quantize the transformer while loading: Q8_0, Q4_K, ... (GGUF types), int8, fp8 or nf4")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks: ~1.3x faster sampling after a one-off compile of "
+                        "tens of seconds (worth it for many images or long runs)")
     g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -248,7 +251,7 @@ def cmd_generate(args) -> int:
     from .formats.png import save_png
 
     pipe = load(args.model, text_encoder=args.text_encoder, vae=args.vae, quantize=args.quantize, loras=args.lora,
-                lora_mode=args.lora_mode)
+                lora_mode=args.lora_mode, compile=args.compile)
     result = pipe(args.prompt, negative_prompt=args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg=args.cfg, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
                   scheduler=args.scheduler, shift=args.shift, cfg_mode=args.cfg_mode, cfg_rescale=args.cfg_rescale,

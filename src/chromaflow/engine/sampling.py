@@ -13,6 +13,7 @@ import inspect
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..formats.png import A1111_SAMPLER_LABELS, A1111_SAMPLERS, A1111_SCHEDULER_LABELS, A1111_SCHEDULERS
 from .guidance import CFG_MODES, Guidance, GuidedDenoiser, cfg_denoiser
 from .samplers import SAMPLERS, Denoiser, Generator, StepCallback, randn_like, sample_euler
 from .schedules import SCHEDULERS, SHIFT_IGNORED, T_MIN, flux_mu, resolve_shift, shift_time
@@ -20,21 +21,8 @@ from .schedules import SCHEDULERS, SHIFT_IGNORED, T_MIN, flux_mu, resolve_shift,
 __all__ = ["CFG_MODES", "Guidance", "GuidedDenoiser", "cfg_denoiser", "SAMPLERS", "SCHEDULERS", "SHIFT_IGNORED",
            "T_MIN", "flux_mu", "resolve_shift", "shift_time", "sample_euler", "randn_like", "schedule", "sample",
            "check_name", "sampler_options", "resolve_sampler", "resolve_scheduler", "A1111_SAMPLERS",
-           "A1111_SCHEDULERS"]
+           "A1111_SCHEDULERS", "A1111_SAMPLER_LABELS", "A1111_SCHEDULER_LABELS"]
 
-# A1111 / Forge display names -> ours (ComfyUI's). Servers list these; resolve_* accept them in any case.
-A1111_SAMPLERS = {
-    "Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2", "DPM2 a": "dpm_2_ancestral",
-    "DPM++ 2S a": "dpmpp_2s_ancestral", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun", "DPM++ 3M SDE": "dpmpp_3m_sde", "LMS": "lms", "IPNDM": "ipndm",
-    "DEIS": "deis", "UniPC": "uni_pc", "LCM": "lcm", "DDIM": "ddim", "DDIM CFG++": "euler_cfg_pp",
-    "Euler CFG++": "euler_cfg_pp", "DPM++ 2M CFG++": "dpmpp_2m_cfg_pp", "Restart": "restart",
-    "RES Multistep": "res_multistep",
-}
-A1111_SCHEDULERS = {
-    "Uniform": "normal", "Simple": "simple", "Normal": "normal", "SGM Uniform": "sgm_uniform", "DDIM": "ddim_uniform",
-    "Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal",
-}
 _OTHER_SAMPLER_ALIASES = {  # k-diffusion / A1111 short aliases; ComfyUI's *_gpu variants (our noise is always CPU)
     "k_euler": "euler", "k_euler_a": "euler_ancestral", "k_euler_ancestral": "euler_ancestral", "k_heun": "heun",
     "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_ancestral", "k_dpmpp_2s_a": "dpmpp_2s_ancestral", "k_dpmpp_2m": "dpmpp_2m",

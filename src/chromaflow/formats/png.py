@@ -34,12 +34,30 @@ def image_settings(settings: dict, index: int) -> dict:
     return s
 
 
+# A1111 / Forge display names -> ours (ComfyUI's): infotexts and A1111 servers show these; engine.sampling's
+# resolve_* accept them in any case
+A1111_SAMPLERS = {
+    "Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2", "DPM2 a": "dpm_2_ancestral",
+    "DPM++ 2S a": "dpmpp_2s_ancestral", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun", "DPM++ 3M SDE": "dpmpp_3m_sde", "LMS": "lms", "IPNDM": "ipndm",
+    "DEIS": "deis", "UniPC": "uni_pc", "LCM": "lcm", "DDIM": "ddim", "DDIM CFG++": "euler_cfg_pp",
+    "Euler CFG++": "euler_cfg_pp", "DPM++ 2M CFG++": "dpmpp_2m_cfg_pp", "Restart": "restart",
+    "RES Multistep": "res_multistep",
+}
+A1111_SCHEDULERS = {
+    "Uniform": "normal", "Simple": "simple", "Normal": "normal", "SGM Uniform": "sgm_uniform", "DDIM": "ddim_uniform",
+    "Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal",
+}
+# ours -> the A1111 display name (the first listed where two map to one), for infotexts and A1111 API replies
+A1111_SAMPLER_LABELS = {ours: label for label, ours in reversed(list(A1111_SAMPLERS.items()))}
+A1111_SCHEDULER_LABELS = {ours: label for label, ours in reversed(list(A1111_SCHEDULERS.items()))}
+
 def infotext(settings: dict, index: int = 0) -> str:
     """A1111 `parameters` text for image `index` of a batch (its seed is seed + index)."""
     s = image_settings(settings, index)
     s["size"] = f"{s['width']}x{s['height']}"
-    s["sampler"] = str(s["sampler"]).replace("_", " ").title()
-    s["scheduler"] = str(s["scheduler"]).title()
+    s["sampler"] = A1111_SAMPLER_LABELS.get(s["sampler"], str(s["sampler"]))  # "DPM++ 2M", as A1111 writes it
+    s["scheduler"] = A1111_SCHEDULER_LABELS.get(s["scheduler"], str(s["scheduler"]).title())
     lines = [s["prompt"]]
     if s.get("negative_prompt"):
         lines.append(f"Negative prompt: {s['negative_prompt']}")

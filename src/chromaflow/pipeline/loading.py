@@ -110,12 +110,14 @@ def load_diffusers_folder(folder: Path, device="cpu", dtype: torch.dtype | None 
 
 def load(path_or_name: str | Path = "default", *, text_encoder: str | Path | None = None,
          vae: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quantize: str | None = None, loras: list[LoRASpec] | None = None, lora_mode: str = "auto") -> Pipeline:
-    """A Pipeline; with `loras`, `pipe.applied_loras` holds what was applied (`.reports`, `.remove()`)."""
+         quantize: str | None = None, loras: list[LoRASpec] | None = None, lora_mode: str = "auto",
+         compile: bool = False) -> Pipeline:
+    """A Pipeline; with `loras`, `pipe.applied_loras` holds what was applied (`.reports`, `.remove()`);
+    `compile` torch.compiles the transformer blocks (Pipeline.compile)."""
     pipe = _load(path_or_name, text_encoder, vae, device, dtype, quantize)
     if loras:
         pipe.applied_loras = apply_loras(pipe.transformer, loras, lora_mode)
-    return pipe
+    return pipe.compile() if compile else pipe
 
 
 def _load(path_or_name, text_encoder, vae, device, dtype, quantize) -> Pipeline:

@@ -89,6 +89,14 @@ class Pipeline:
         self.text_cache: dict[str, Tensor] = {}  # prompt -> its visible text embeddings, oldest first
         self.text_cache_size = 64  # prompts kept; clear text_cache after changing the text encoder's weights
 
+    def compile(self, mode: str | None = None) -> "Pipeline":
+        """torch.compile (inductor; C++ on a CPU) every transformer block in place, with dynamic shapes so a new
+        size or prompt length does not recompile. Blocks, not the whole forward: the step cache, windowed attention
+        and LoRA hooks keep working around them. The first call pays the compile (a minute or more on a CPU)."""
+        for block in [*self.transformer.double_blocks, *self.transformer.single_blocks]:
+            block.compile(dynamic=True, mode=mode)
+        return self
+
     # pieces --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEncoding:

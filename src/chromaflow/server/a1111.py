@@ -29,8 +29,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-_SAMPLER_LABEL = {ours: label for label, ours in reversed(list(sampling.A1111_SAMPLERS.items()))}
-_SCHEDULER_LABEL = {ours: label for label, ours in reversed(list(sampling.A1111_SCHEDULERS.items()))}
+_SAMPLER_LABEL, _SCHEDULER_LABEL = sampling.A1111_SAMPLER_LABELS, sampling.A1111_SCHEDULER_LABELS
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
