@@ -149,8 +149,11 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
         return out / "dit"
-    hours = state.get("wall_time", 0.0) / 3600 + _stage_hours(out)
-    card = model_card(preset_or_path, cfg, report, hours, time.time() - started)
+    hours = {"dit": state.get("wall_time", 0.0) / 3600, "stages": _stage_hours(out),
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "this machine's CPU"}
+    text_report = out / "text_train" / "report.json"
+    text = json.loads(text_report.read_text()) if text_report.is_file() else None
+    card = model_card(preset_or_path, cfg, report, hours, time.time() - started, text)
     folder = save_folder(pipe, out / "model", card=card, dtype=torch.bfloat16)
     shutil.copyfile(out / "dit" / "samples-final.png", folder / "samples.png")
     return folder
@@ -165,12 +168,22 @@ def _stage_hours(out: Path) -> float:
     return total / 3600
 
 
-def model_card(preset: str, cfg: TrainConfig, report: dict, hours: float, session_seconds: float) -> str:
+def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session_seconds: float,
+               text: dict | None = None) -> str:
+    """`hours`: DiT and earlier-stage hours, and where the DiT's last session ran; `text`: the text-encoder stage's
+    report.json, when the recipe has that stage."""
+    text_line = [] if text is None else [
+        f"- text encoder: pretrained {text['config']['steps']} steps on caption content, then frozen; held-out "
+        f"captions with every label right: {100 * text['held_out']['all_correct']:.0f}% "
+        f"(en {100 * text['held_out']['en']:.0f}, zh {100 * text['held_out']['zh']:.0f}, "
+        f"ru {100 * text['held_out']['ru']:.0f})"]
     return "\n".join([
         f"# chromaflow built-in model `{cfg.name}`", "",
         f"Trained by `chromaflow train --preset {preset}` (same trainer as for real Chroma).", "",
+        *text_line,
         f"- steps: {cfg.total_steps} ({', '.join(f'{s.steps} at {s.size}px x{s.batch_size}' for s in cfg.stage_list)})",
-        f"- total training wall time: {hours:.2f} h on this machine (all sessions, VAE included)",
+        f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
+        f"{hours['stages']:.2f} h, DiT {hours['dit']:.2f} h (all sessions; the last on {hours['device']})",
         f"- generation defaults: {cfg.defaults}", "",
         "## Compositional benchmark (held-out prompts)", "", bench.markdown_table(report), "",
         "![samples](samples.png)", ""])
