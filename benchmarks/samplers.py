@@ -11,6 +11,7 @@ CFG++ samplers take cfg / 12.5 as their lambda (A1111's mapping of a CFG scale o
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import chromaflow
@@ -58,6 +59,9 @@ def run(model: str, samplers: list[str], steps_list: list[int], n: int, seed: in
                           "nfe": count_nfe(pipe, steps=steps, **settings), "images": report["overall"]["n"],
                           "seconds": round(seconds, 2), "seconds_per_image": round(seconds / report["overall"]["n"], 3),
                           "accuracy": {m: report["overall"][m] for m in METRICS}})
+            cell = cells[-1]  # progress, so a run cut short still shows what it measured
+            print(f"... {name} {steps} steps: all-correct {100 * cell['accuracy']['all_correct']:.1f}%, "
+                  f"{cell['seconds_per_image']:.2f} s/image", file=sys.stderr, flush=True)
     return {"model": pipe.name, "n_per_category": n, "seed": seed, "scheduler": scheduler or pipe.defaults.scheduler,
             "cells": cells}
 
