@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run of seconds")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print only the JSON report")
+    ap.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks "
+                    "(MMDiT.compile_blocks; the first call of each shape pays the compile, outside the timing)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.quick:
@@ -33,17 +35,21 @@ def main():
     else:
         model, sides, lengths = load(args.model).transformer, [8, 16, 32], [2, 16, 64, 256, 512]
     model = model.to(dtype).eval()
-    peer = benchmark.peer_transformer(model)
+    peer = benchmark.peer_transformer(model)  # before compiling: the peer gets plain copies of the weights
+    if args.compile:
+        model.compile_blocks()
     peak = benchmark.matmul_peak(dtype, (512,) if args.quick else (1024, 2048), 0.3 if args.quick else 2.0)
     run = dict(repeats=1 if args.quick else args.repeats, peak_gflops=peak, peer_model=peer)
-    report = {"machine": benchmark.machine_info(), "dtype": args.dtype, "matmul_peak_gflops": peak,
+    report = {"machine": benchmark.machine_info(), "dtype": args.dtype, "compiled": args.compile,
+              "matmul_peak_gflops": peak,
               "parameters": sum(p.numel() for p in model.parameters()),
               "resolution": [benchmark.bench_transformer(model, s, lengths[1], **run) for s in sides],
               "prompt_length": [benchmark.bench_transformer(model, sides[1], n, **run) for n in lengths]}
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"{report['parameters'] / 1e6:.1f}M parameters, {args.dtype}, matmul peak {peak:.0f} GFLOP/s")
+    print(f"{report['parameters'] / 1e6:.1f}M parameters, {args.dtype}{', ours compiled' * args.compile}, "
+          f"matmul peak {peak:.0f} GFLOP/s")
     print("| img tokens | txt tokens | ours ms | peer ms (512 slots) | ratio | peer ms (visible only) | MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in report["resolution"] + report["prompt_length"]:

@@ -16,6 +16,7 @@ SMOKE = {
     "formats.py": ["--quick"],
     "full_size_gguf.py": ["--preset", "tiny", "--size", "64"],
     "lora_concept.py": ["--quick"],
+    "caching.py": ["--model", "tiny", "--n", "1", "--steps", "4", "--fbc", "0.1", "--teacache", "0.3"],
 }
 
 
@@ -34,5 +35,7 @@ def test_benchmark_smoke_run_prints_a_report(script, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = first_json_object(done.stdout)
     assert report
+    if script == "caching.py":  # every cached cell counted its calls, and a full pass never exceeds a call
+        assert all(0 < c["full_passes"] <= c["calls"] for c in report["cells"][1:])
     if out.exists():
         assert json.loads(out.read_text()) == report

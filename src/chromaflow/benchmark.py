@@ -298,6 +298,8 @@ def run(model: str = "default", quick: bool = False, repeats: int | None = None,
     report["txt2img_compiled"] = bench_txt2img(pipe.compile(), "a red circle above a blue square", size, steps, 4.0,
                                                repeats, peer=False)
     report["txt2img_compiled"]["speedup"] = report["txt2img"]["ours_s"] / report["txt2img_compiled"]["ours"]["median"]
+    report["transformer_compiled"] = bench_transformer(pipe.transformer, side, 16, repeats=repeats, peak_gflops=peak,
+                                                       peer=False)
     log("training step")
     params = pipe.transformer.params
     report["train"] = bench_train(params, side, 16, batch=4 if quick else 16, repeats=repeats, peer=peer)
@@ -318,8 +320,10 @@ def table(report: dict) -> str:
     ti = report["txt2img"]
     rows.append(f"| txt2img s ({ti['size']} px, {ti['steps']} steps, cfg {ti['cfg']}) | {fmt(ti['ours_s'])} | "
                 f"{fmt(ti['peer_s'])} | {fmt(ti.get('ratio'), 'x')} | |")
-    tc = report.get("txt2img_compiled")
+    tc, fc = report.get("txt2img_compiled"), report.get("transformer_compiled")
     if tc:
+        rows.append(f"| transformer forward s, torch.compile'd blocks | {fmt(fc['ours']['median'])} | | "
+                    f"{fmt(tr['ours_s'] / fc['ours']['median'], 'x')} vs eager | {fmt(fc.get('mfu'))} |")
         rows.append(f"| txt2img s, torch.compile'd blocks | {fmt(tc['ours']['median'])} | | "
                     f"{fmt(tc['speedup'], 'x')} vs eager | |")
     rows.append(f"| ... text encode / sampling / VAE decode s | {fmt(ti['text_encode']['median'])} / "

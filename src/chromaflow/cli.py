@@ -122,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", metavar="TYPE",
                    help="quantize the transformer while loading: Q8_0, Q4_K, ... (GGUF types), int8, fp8 or nf4")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks: ~1.3x faster sampling after a one-off compile of "
-                        "tens of seconds (worth it for many images or long runs)")
+                   help="torch.compile the transformer blocks: a one-off compile of 10-30 s, then 1.05-1.08x faster "
+                        "sampling as measured here (benchmarks/README.md); for many images or long runs")
     g.add_argument("--text-encoder", help="text encoder folder, when --model is a bare transformer file")
     g.add_argument("--vae", help="VAE folder or file, when --model is a bare transformer file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -90,11 +90,8 @@ class Pipeline:
         self.text_cache_size = 64  # prompts kept; clear text_cache after changing the text encoder's weights
 
     def compile(self, mode: str | None = None) -> "Pipeline":
-        """torch.compile (inductor; C++ on a CPU) every transformer block in place, with dynamic shapes so a new
-        size or prompt length does not recompile. Blocks, not the whole forward, because the step cache and the
-        windowed-attention path call the blocks directly. The first call pays the compile (10-30 s on a CPU)."""
-        for block in [*self.transformer.double_blocks, *self.transformer.single_blocks]:
-            block.compile(dynamic=True, mode=mode)
+        """torch.compile the transformer's blocks in place (MMDiT.compile_blocks)."""
+        self.transformer.compile_blocks(mode)
         return self
 
     # pieces --------------------------------------------------------------------------------------------------

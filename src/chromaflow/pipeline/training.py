@@ -93,14 +93,19 @@ def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, b
     """The compositional benchmark on held-out prompts; image i of the benchmark uses seed + i."""
     prompts = bench.benchmark_prompts(n_per_category, seed=seed)
     counter = {"i": 0}
+    cache = {"calls": 0, "full_passes": 0}  # step-cache totals over every call, when `cache` is set
 
     def generate(texts):
         out = pipe(texts, seed=seed + counter["i"], progress=False, **settings)
         counter["i"] += len(texts)
+        for key in cache:
+            cache[key] += out.settings.get("cache", {}).get(key, 0)
         return out.images
 
     report = bench.evaluate(generate, prompts, batch_size=batch_size, grid_path=grid_path)
     report["settings"] = {"n_per_category": n_per_category, "seed": seed, **asdict(pipe.defaults), **settings}
+    if cache["calls"]:
+        report["cache"] = cache
     return report
 
 
