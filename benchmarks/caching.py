@@ -31,8 +31,8 @@ def run(model: str, fbc: list[float], teacache: list[float], n: int, seed: int, 
         report = evaluate_pipeline(pipe, n_per_category=n, seed=seed, steps=steps, cache=method,
                                    cache_threshold=threshold)
         seconds = time.perf_counter() - start
-        calls = report.get("cache", {}).get("calls")
-        full = report.get("cache", {}).get("full_passes")
+        counts = report.get("cache", {})  # absent without a cache
+        calls, full = counts.get("calls"), counts.get("full_passes")
         cells.append({"method": method or "off", "threshold": threshold, "images": report["overall"]["n"],
                       "pass_ratio": round(calls / full, 3) if full else 1.0, "calls": calls, "full_passes": full,
                       "seconds_per_image": round(seconds / report["overall"]["n"], 3),
