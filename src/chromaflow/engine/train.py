@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +37,26 @@ from . import flow
 from .report import loss_curve
 
 
+# the TrainConfig fields that shape the flow loss, which a stage may set for its own steps
+STAGE_LOSS_FIELDS = ("timesteps", "logit_mean", "logit_std", "mode_scale", "timestep_shift", "ot_pairing",
+                     "caption_dropout")
+
+
 @dataclass
 class Stage:
     """`steps` steps at square `size` px with `batch_size` per process and micro-batch. A list of sizes (and batch
-    sizes) cycles step by step, so a stage can mix resolutions: [128, 128, 128, 256] is 3:1."""
+    sizes) cycles step by step, so a stage can mix resolutions: [128, 128, 128, 256] is 3:1. `loss` replaces
+    flow-loss settings of the config for this stage's steps, e.g. {"timestep_shift": 3.0, "ot_pairing": false}."""
     steps: int
     size: int | list
     batch_size: int | list
+    loss: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.loss) - set(STAGE_LOSS_FIELDS))
+        if unknown:
+            raise ValueError(f"stage `loss` keys {unknown} are not flow-loss settings; valid: "
+                             f"{', '.join(STAGE_LOSS_FIELDS)}")
 
     def at(self, step: int) -> tuple[int, int]:
         """(size, batch_size) for the stage's step number `step`."""
@@ -112,14 +125,24 @@ class TrainConfig:
     def stage_list(self) -> list[Stage]:
         return [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
 
-    def shape_at(self, step: int) -> tuple[int, int]:
-        """(image size, batch size) of global step `step`."""
+    def stage_at(self, step: int) -> tuple[Stage, int]:
+        """The stage of global step `step` and the step's number within it."""
         start = 0
         for stage in self.stage_list:
             if step < start + stage.steps:
-                return stage.at(step - start)
+                return stage, step - start
             start += stage.steps
-        return self.stage_list[-1].at(step - start)
+        return self.stage_list[-1], step - start
+
+    def shape_at(self, step: int) -> tuple[int, int]:
+        """(image size, batch size) of global step `step`."""
+        stage, number = self.stage_at(step)
+        return stage.at(number)
+
+    def loss_config(self, step: int) -> "TrainConfig":
+        """The config with step `step`'s stage `loss` settings applied."""
+        overrides = self.stage_at(step)[0].loss
+        return replace(self, **overrides) if overrides else self
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -464,7 +487,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 gen = step_generator(cfg, step, micro, rank)
-                loss = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False), cfg, gen)
+                loss = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False),
+                                 cfg.loss_config(step), gen)
                 loss = loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())

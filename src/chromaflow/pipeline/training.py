@@ -35,9 +35,11 @@ PRESETS: dict[str, dict] = {
             "model": {"preset": "default"},
             "train_text_encoder": False,  # pretrained by the "text" stage, then frozen (as T5 is for Chroma)
             "data": {"kind": "shapes", "seed": 0},
-            # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only
+            # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only, with timesteps
+            # shifted to high noise, where a caption decides what is drawn (150-step A/B from step 3557, 32 single-
+            # object prompts: colour 66 -> 84%, shape 22 -> 44% against the same steps unshifted)
             "stages": [{"steps": 4000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
-                       {"steps": 1500, "size": 256, "batch_size": 32}],
+                       {"steps": 1500, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}}],
             "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "caption_dropout": 0.1,
             "timesteps": "chroma", "checkpoint_every": 250, "sample_every": 500,
             "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 4.0},
@@ -173,6 +175,11 @@ def _stage_hours(out: Path) -> float:
     return total / 3600
 
 
+def _stage_text(stage) -> str:
+    loss = ", ".join(f"{k} {v}" for k, v in stage.loss.items())
+    return f"{stage.steps} at {stage.size}px x{stage.batch_size}" + (f" ({loss})" if loss else "")
+
+
 def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session_seconds: float,
                text: dict | None = None) -> str:
     """`hours`: DiT and earlier-stage hours, and where the DiT's last session ran; `text`: the text-encoder stage's
@@ -186,7 +193,7 @@ def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session
         f"# chromaflow built-in model `{cfg.name}`", "",
         f"Trained by `chromaflow train --preset {preset}` (same trainer as for real Chroma).", "",
         *text_line,
-        f"- steps: {cfg.total_steps} ({', '.join(f'{s.steps} at {s.size}px x{s.batch_size}' for s in cfg.stage_list)})",
+        f"- steps: {cfg.total_steps} ({', '.join(_stage_text(s) for s in cfg.stage_list)})",
         f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
         f"{hours['stages']:.2f} h, DiT {hours['dit']:.2f} h (all sessions; the last on {hours['device']})",
         f"- generation defaults: {cfg.defaults}", "",
