@@ -152,15 +152,15 @@ def test_lr_warms_up_then_decays_by_cosine():
 
 def test_a_stage_sets_its_own_flow_loss_settings(vae_dir, tmp_path, monkeypatch):
     from chromaflow.engine import flow
-    seen = []  # (shift, whether the noise was OT-paired) per training step
+    seen = []  # per training step: "ot" when the noise was OT-paired, then the timestep shift
     sample, pair = flow.sample_timesteps, flow.ot_pair
-    monkeypatch.setattr(flow, "sample_timesteps", lambda *a, **kw: seen.append([kw["shift"], False]) or sample(*a, **kw))
+    monkeypatch.setattr(flow, "sample_timesteps", lambda *a, **kw: seen.append(kw["shift"]) or sample(*a, **kw))
     monkeypatch.setattr(flow, "ot_pair", lambda *a: seen.append("ot") or pair(*a))
     cfg = tiny_config(vae_dir, timestep_shift=None, ot_pairing=True)
     cfg.stages = [{"steps": 2, "size": 32, "batch_size": 2},
                   {"steps": 2, "size": 32, "batch_size": 2, "loss": {"timestep_shift": 3.0, "ot_pairing": False}}]
     train(cfg, tmp_path / "run", progress=False)
-    assert seen == ["ot", [None, False], "ot", [None, False], [3.0, False], [3.0, False]]
+    assert seen == ["ot", None, "ot", None, 3.0, 3.0]
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(stages=[{"steps": 1, "size": 32, "batch_size": 1, "loss": {"lr": 1.0}}]).stage_list
 
