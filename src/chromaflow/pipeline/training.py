@@ -23,6 +23,9 @@ from .pipeline import Defaults, Pipeline
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square above a yellow star", "two green triangles",
                   "три оранжевых круга", "一个紫色的五角星在一个红色的正方形的左边", "a small yellow star on a black background"]
+# grid labels: the default font has no Cyrillic or CJK glyphs, so those prompts are labelled by what they say
+SAMPLE_LABELS = SAMPLE_PROMPTS[:3] + ["ru: three orange circles", "zh: a purple star left of a red square",
+                                      SAMPLE_PROMPTS[5]]
 
 # VAE stage settings (engine.train_vae.VAETrainConfig fields) and the DiT stage (TrainConfig fields)
 PRESETS: dict[str, dict] = {
@@ -87,11 +90,11 @@ def preview_grid(model: FlowModel, vae: VAE, path: Path | None, defaults: dict |
                     device=next(model.transformer.parameters()).device)
     images = pipe(SAMPLE_PROMPTS, seed=0, progress=False).images
     if path is not None:
-        bench.sample_grid(images, SAMPLE_PROMPTS, str(path), cols=len(images))
+        bench.sample_grid(images, SAMPLE_LABELS, str(path), cols=len(images))
 
 
 def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, batch_size: int = 16,
-                      grid_path: str | None = None, **settings) -> dict:
+                      grid_path: str | None = None, progress: bool = False, **settings) -> dict:
     """The compositional benchmark on held-out prompts; image i of the benchmark uses seed + i."""
     prompts = bench.benchmark_prompts(n_per_category, seed=seed)
     counter = {"i": 0}
@@ -104,7 +107,7 @@ def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, b
             cache[key] += out.settings.get("cache", {}).get(key, 0)
         return out.images
 
-    report = bench.evaluate(generate, prompts, batch_size=batch_size, grid_path=grid_path)
+    report = bench.evaluate(generate, prompts, batch_size=batch_size, grid_path=grid_path, progress=progress)
     report["settings"] = {"n_per_category": n_per_category, "seed": seed, **asdict(pipe.defaults), **settings}
     if cache["calls"]:
         report["cache"] = cache
@@ -152,7 +155,7 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     vae = VAE.load(cfg.vae).to(device)
     pipe = Pipeline(model.transformer, model.text, vae, name=cfg.name, defaults=Defaults(**cfg.defaults),
                     device=device)
-    report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), **spec.get("eval", {}))
+    report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), progress=progress, **spec.get("eval", {}))
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
         return out / "dit"
