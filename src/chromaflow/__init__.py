@@ -1,6 +1,12 @@
 """chromaflow: Chroma-family rectified-flow text-to-image — train, sample, edit, accelerate, serve."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# diffusers imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then logs a warning about an
+# optional kernel package; the fallback it uses is fine, so keep that line out of every command's output
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load(path_or_name="default", **kwargs):

@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive, help="sampling steps (default: the model's)")
     e.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
     e.add_argument("--sampler", help="sampler (default: the model's)")
+    e.add_argument("--scheduler", help="schedule (default: the model's)")
+    e.add_argument("--shift", type=float, help="timestep shift (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--ground-truth", action="store_true", help="score exact renders instead (the detector's ceiling)")
     e.add_argument("--out", default="eval", help="output folder (report.json, report.md, grid.png)")
@@ -285,10 +287,11 @@ def cmd_eval(args) -> int:
     else:
         from .pipeline.loading import load
         from .pipeline.training import evaluate_pipeline
-        settings = {k: v for k, v in dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler).items()
+        settings = {k: v for k, v in dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
+                                           shift=args.shift).items()
                     if v is not None}
         report = evaluate_pipeline(load(args.model), args.n, seed=args.seed, grid_path=str(out / "grid.png"),
-                                   **settings)
+                                   progress=True, **settings)
     table = bench.markdown_table(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(table + "\n")

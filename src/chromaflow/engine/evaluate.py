@@ -232,11 +232,15 @@ def evaluate_images(images: list[Image.Image], prompts: list[PromptSpec]) -> dic
             "per_prompt": rows}
 
 
-def evaluate(generate_fn, prompts: list[PromptSpec], batch_size: int = 16, grid_path: str | None = None) -> dict:
+def evaluate(generate_fn, prompts: list[PromptSpec], batch_size: int = 16, grid_path: str | None = None,
+             progress: bool = False) -> dict:
     """Run generate_fn(list[str]) -> list[PIL.Image] over the prompts in batches and score every image."""
+    from tqdm.auto import tqdm
     images = []
-    for i in range(0, len(prompts), batch_size):
-        images += list(generate_fn([s.text for s in prompts[i:i + batch_size]]))
+    with tqdm(total=len(prompts), desc="eval", unit="image", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            images += list(generate_fn([s.text for s in prompts[i:i + batch_size]]))
+            bar.update(len(images) - bar.n)
     return _finish(images, prompts, grid_path)
 
 

@@ -9,8 +9,6 @@ converting a quantized model writes ordinary tensors.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,8 +56,6 @@ def quantizable(name: str, shape: tuple[int, ...], fmt: str | ggml.QT) -> bool:
 # --- packing --------------------------------------------------------------------------------------------------
 
 def _bnb():
-    # its CPU backend logs a warning about an optional kernel package on first use; the fallback it uses is fine
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb
     except ImportError:
