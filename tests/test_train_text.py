@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import torch
 
-from chromaflow.engine.shapes import LABEL_HEADS, LANGUAGES
+from chromaflow.engine.shapes import LABEL_HEADS, LANGUAGES, with_filler
 from chromaflow.engine.train_text import TextTrainConfig, caption_batch, train_text_encoder
 from chromaflow.models.text import ByteTextEncoder, load_text_encoder
 
@@ -16,6 +17,25 @@ def test_caption_batches_are_deterministic_and_mix_languages():
     assert texts != caption_batch(0, 8, 40)[0]
     assert labels.shape == (40, sum(n for _, _, n in LABEL_HEADS))
     assert set(languages) == set(LANGUAGES)
+
+
+def test_filler_words_are_made_up_and_leave_the_content_words_whole():
+    plain, labels, languages = caption_batch(0, 3, 60)
+    noisy, noisy_labels, _ = caption_batch(0, 3, 60, filler=1.0)
+    assert torch.equal(labels[:1], noisy_labels[:1])  # the first caption is drawn before any filler randomness
+    assert plain[0] != noisy[0]
+    for lang, text in [("en", "a small red circle above a blue star"), ("ru", "маленький красный круг над синей звездой"),
+                       ("zh", "一个红色的小圆形在蓝色的五角星的上方")]:
+        for seed in range(20):
+            out = with_filler(text, lang, np.random.default_rng(seed), words=3)
+            added = [w for w in out.split() if w not in text.split()] if lang != "zh" else None
+            if lang == "zh":  # every vocabulary word survives unsplit, in order
+                for word in ("红色", "圆形", "蓝色", "五角星", "上方"):
+                    assert word in out, (word, out)
+                assert len(out) > len(text)
+            else:
+                assert len(added) == 3 and not set(added) & set(text.split()), out
+                assert [w for w in out.split() if w in text.split()] == text.split()
 
 
 def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_path):

@@ -388,6 +388,62 @@ def caption(scene: Scene, rng: np.random.Generator, language: str | None = None,
     return (text, language, sized) if with_sized else (text, language)
 
 
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _strings(v)
+
+
+# filler material: letters of each alphabet; for Chinese, CJK ideographs no template or vocabulary word uses
+_LETTERS = {"en": "abcdefghijklmnopqrstuvwxyz", "ru": "абвгдежзийклмнопрстуфхцчшщыьэюя"}
+_ZH_USED = {ch for s in _strings((_ZH, _TEMPLATES["zh"])) for ch in s}
+_ZH_WORDS = sorted({w for w in _strings(_ZH) if len(w) > 1 and "{" not in w})
+_ZH_FILLER = np.array([c for c in range(0x4E00, 0x9FA6) if chr(c) not in _ZH_USED])
+_KNOWN_WORDS = {w.lower() for s in _strings((_EN, _TEMPLATES["en"], _RU_NOUN, _RU_ADJ, _RU_NUM, _RU_REL, _RU_AGREE,
+                                              _RU_BG, _TEMPLATES["ru"], tuple(COLORS))) for w in s.split()}
+
+
+def filler_word(language: str, rng: np.random.Generator) -> str:
+    """A made-up word: 2-9 random letters (en, ru) or 1-3 unused ideographs (zh); never a word captions use."""
+    while True:
+        if language == "zh":
+            word = "".join(chr(int(c)) for c in rng.choice(_ZH_FILLER, int(rng.integers(1, 4))))
+        else:
+            letters = _LETTERS[language]
+            word = "".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(2, 10))))
+        if word not in _KNOWN_WORDS:
+            return word
+
+
+def with_filler(text: str, language: str, rng: np.random.Generator, words: int | None = None) -> str:
+    """`text` with 1-3 made-up words at random word boundaries (zh: between any two characters). Pretraining the text
+    encoder on such captions teaches it to read the content words and pass over the rest, which is what a template
+    it never saw asks of it; what the caption states is unchanged."""
+    if language == "zh":  # no spaces: any boundary that does not split a vocabulary word
+        inside = {i for w in _ZH_WORDS for start in _occurrences(text, w) for i in range(start + 1, start + len(w))}
+        cuts = [i for i in range(len(text) + 1) if i not in inside]
+    else:
+        cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch == " "] + [len(text)]
+    fillers = [(int(rng.choice(cuts)), filler_word(language, rng))
+               for _ in range(int(rng.integers(1, 4)) if words is None else words)]
+    for at, word in sorted(fillers, reverse=True):
+        pad = "" if language == "zh" else " "
+        text = (text[:at] + word + pad + text[at:]) if at < len(text) else text + pad + word
+    return text.strip()
+
+
+def _occurrences(text: str, word: str):
+    start = text.find(word)
+    while start >= 0:
+        yield start
+        start = text.find(word, start + 1)
+
+
 # --- what a caption says, as class labels (targets for pretraining the text encoder) ------------------------------
 
 PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # every (colour, shape) the world can name

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene
+from .shapes import LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene, with_filler
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -38,6 +38,7 @@ class TextTrainConfig:
     encoder: dict = field(default_factory=dict)  # ByteTextEncoderConfig fields
     steps: int = 2000
     batch_size: int = 128
+    filler: float = 0.0  # share of training captions with 1-3 made-up words inserted (shapes.with_filler)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -62,13 +63,17 @@ class LabelReadout(nn.Module):
         return list(self.linear(pooled).split(self.sizes, dim=-1))
 
 
-def caption_batch(seed: int, step: int, n: int, split: str = "train") -> tuple[list[str], Tensor, list[str]]:
-    """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages)."""
+def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0
+                  ) -> tuple[list[str], Tensor, list[str]]:
+    """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages); a `filler`
+    share of them with made-up words inserted."""
     rng = np.random.default_rng([seed, step])
     texts, labels, languages = [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
         text, language, sized = caption(scene, rng, split=split, with_sized=True)
+        if filler and rng.random() < filler:
+            text = with_filler(text, language, rng)
         texts.append(text)
         labels.append(caption_labels(scene, sized))
         languages.append(language)
@@ -119,7 +124,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     bar = tqdm(range(cfg.steps), desc="text encoder", disable=not progress)
     with atomic_write(out / "metrics.jsonl", "w") as log:
         for step in bar:
-            texts, labels, _ = caption_batch(cfg.seed, step, cfg.batch_size)
+            texts, labels, _ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16):
