@@ -1,19 +1,22 @@
-"""Does a LoRA teach a concept the base model never saw? Train one on "pink" objects and measure before / after.
+"""Does a LoRA teach a concept the base model never saw? Train one on a new shape, the cross, and measure before / after.
 
-The built-in model was trained on six colours; pink is not among them, and "pink" never appeared in a caption.
-This script (one command) renders pink shapes with English captions, mixes them 1:1 with ordinary shapes-world
-batches (so the model keeps what it knew), trains a LoRA on the frozen built-in model with the regular trainer
-(`TrainConfig.lora`), and measures on held-out prompts ("a pink star", "a small pink square on a black background",
-...): how often the object's colour is pink rather than one of the known colours, before and after. The ordinary
-compositional benchmark (all-correct) shows whether anything was forgotten. Prints JSON and a markdown table.
+The built-in model knows four shapes (circle, square, triangle, star); "cross" never appeared in a caption or an
+image. A colour would be the other natural test, but the built-in VAE, trained on the six palette colours only,
+decodes a pink object as purple, so no adapter on the transformer could draw pink; it reproduces a plus-shaped
+cross faithfully. This script (one command) renders crosses in the known colours with English captions, mixes them
+1:1 with ordinary shapes-world batches (so the model keeps what it knew), trains a LoRA on the frozen built-in model
+with the regular trainer (`TrainConfig.lora`), and measures on held-out prompts ("a blue cross", "a small red cross
+on a black background", ...) how often the largest object is a cross, and in the named colour, before and after. The
+ordinary compositional benchmark (all-correct) shows whether anything was forgotten. Prints JSON and a markdown table.
 
     python benchmarks/lora_concept.py                    # built-in model, 300 steps (minutes on 2 idle cores)
-    python benchmarks/lora_concept.py --quick            # tiny random base, 4 steps: the pipeline end to end
+    python benchmarks/lora_concept.py --quick            # tiny random base, 4 steps: the whole pipeline in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -29,29 +32,34 @@ from chromaflow.engine import shapes
 from chromaflow.engine.train import ShapesData, TrainConfig, train
 from chromaflow.pipeline.training import evaluate_pipeline
 
-CONCEPT, RGB = "pink", (245, 120, 200)  # far from red (220, 50, 50), purple (150, 70, 190) and orange (245, 140, 40)
-PALETTE = {**shapes.COLORS, CONCEPT: RGB}
+CONCEPT = "cross"
+ARM = 1 / 3  # arm width / side: the cross fills the middle row and column of its bbox's 3x3 grid
 TRAIN_TEMPLATES = ["a {c} {s}", "a picture of a {c} {s}", "an image of a {z} {c} {s}", "a simple drawing of a {c} {s}",
                    "there is a {c} {s} in the picture", "a {z} {c} {s}"]
 EVAL_TEMPLATES = ["a {c} {s}", "a {z} {c} {s}", "a rendering that shows a {c} {s}"]  # the last one never trained
 
 
-def caption(template: str, shape: str, size: str, rng: np.random.Generator) -> str:
+def caption(template: str, colour: str, size: str, rng: np.random.Generator) -> str:
     words = {"small": ("small", "little"), "large": ("large", "big")}[size]
-    return template.format(c=CONCEPT, s=shape, z=words[int(rng.integers(2))])
+    text = template.format(c=colour, s=CONCEPT, z=words[int(rng.integers(2))])
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def render_concept(shape: str, size: str, background: str, pixels: int, rng: np.random.Generator) -> Image.Image:
-    """One pink object, laid out and anti-aliased exactly like the shapes world renders its colours."""
-    scene = shapes.place(rng, [(shape, "red", size)], background=background)  # the colour does not affect layout
+def render_concept(colour: str, size: str, background: str, pixels: int, rng: np.random.Generator) -> Image.Image:
+    """One cross, laid out (in a square's bbox) and anti-aliased exactly like the shapes world renders its shapes."""
+    scene = shapes.place(rng, [("square", colour, size)], background=background)
     big = pixels * shapes.SUPERSAMPLE
+    x0, y0, x1, y1 = [v * big for v in scene.objects[0].bbox]
+    w, h = (x1 - x0) * ARM, (y1 - y0) * ARM
     image = Image.new("RGB", (big, big), shapes.BACKGROUNDS[background])
-    shapes.draw_shape(ImageDraw.Draw(image), shape, [v * big for v in scene.objects[0].bbox], RGB)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0, y0 + h, x1, y1 - h], fill=shapes.COLORS[colour])
+    draw.rectangle([x0 + w, y0, x1 - w, y1], fill=shapes.COLORS[colour])
     return image.reduce(shapes.SUPERSAMPLE)
 
 
 class ConceptData:
-    """Training batches: even items are pink objects with English captions, odd items ordinary shapes-world ones."""
+    """Training batches: even items are crosses with English captions, odd items ordinary shapes-world ones."""
 
     def __init__(self, seed: int = 0):
         self.seed, self.world = seed, ShapesData(seed=seed + 1)
@@ -65,11 +73,11 @@ class ConceptData:
                 captions.append(ordinary[i])
                 continue
             rng = np.random.default_rng([self.seed, number, i])
-            shape, size_name = shapes.SHAPES[int(rng.integers(4))], ("small", "large")[int(rng.integers(2))]
+            colour, size_name = list(shapes.COLORS)[int(rng.integers(6))], ("small", "large")[int(rng.integers(2))]
             background = "default" if rng.random() < 0.75 else ("white", "black", "gray")[int(rng.integers(3))]
-            image = render_concept(shape, size_name, background, size, rng)
+            image = render_concept(colour, size_name, background, size, rng)
             images.append(shapes.to_tensor(image))
-            captions.append(caption(TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))], shape, size_name, rng))
+            captions.append(caption(TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))], colour, size_name, rng))
         return torch.stack(images), captions
 
 
@@ -77,37 +85,60 @@ def eval_prompts(n: int, seed: int = 1234) -> list[str]:
     rng = np.random.default_rng([seed, 99])
     prompts = []
     for i in range(n):
-        shape, size = shapes.SHAPES[i % 4], ("small", "large")[int(rng.integers(2))]
-        text = caption(EVAL_TEMPLATES[int(rng.integers(len(EVAL_TEMPLATES)))], shape, size, rng)
+        colour, size = list(shapes.COLORS)[i % 6], ("small", "large")[int(rng.integers(2))]
+        text = caption(EVAL_TEMPLATES[int(rng.integers(len(EVAL_TEMPLATES)))], colour, size, rng)
         if rng.random() < 0.25:
             text += f" on a {('white', 'black', 'gray')[int(rng.integers(3))]} background"
         prompts.append(text)
     return prompts
 
 
-def object_colour(image: Image.Image) -> str | None:
-    """The palette colour (known six or pink) nearest to the mean of the pixels that differ from the border colour;
-    None when no object is visible."""
+def largest_object(image: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mask cropped to its bbox, mean colour) of the largest connected foreground region; None when nothing shows."""
+    from scipy import ndimage
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
     w = max(1, a.shape[0] // 64)
     border = np.concatenate([a[:w].reshape(-1, 3), a[-w:].reshape(-1, 3), a[:, :w].reshape(-1, 3),
                              a[:, -w:].reshape(-1, 3)])
-    background = np.median(border, 0)
-    foreground = np.linalg.norm(a - background, axis=-1) > 60
-    if foreground.mean() < 0.005:
+    foreground = np.linalg.norm(a - np.median(border, 0), axis=-1) > 60
+    labels, n = ndimage.label(foreground)
+    if n == 0:
         return None
-    mean = a[foreground].mean(0)
-    return min(PALETTE, key=lambda name: float(np.sum((np.array(PALETTE[name]) - mean) ** 2)))
+    biggest = 1 + int(np.argmax(ndimage.sum(foreground, labels, range(1, n + 1))))
+    mask = labels == biggest
+    if mask.mean() < 0.002:
+        return None
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], a[mask].mean(0)
+
+
+def is_cross(mask: np.ndarray) -> bool:
+    """In the 3x3 grid over the bbox: the middle row and column filled, the four corners empty. No other shape of
+    the world passes: squares and triangles fill corners, circles fill about half of each corner cell, stars leave the
+    bottom-middle cell empty."""
+    h, w = mask.shape
+    if min(h, w) < 6 or not 0.6 < h / w < 1.67:
+        return False
+    cells = [[mask[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3].mean() for c in range(3)] for r in range(3)]
+    corners = [cells[0][0], cells[0][2], cells[2][0], cells[2][2]]
+    plus = [cells[1][0], cells[1][1], cells[1][2], cells[0][1], cells[2][1]]
+    return max(corners) < 0.35 and min(plus) > 0.6
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    return min(shapes.COLORS, key=lambda name: float(np.sum((np.array(shapes.COLORS[name]) - rgb) ** 2)))
 
 
 def concept_accuracy(pipe, prompts: list[str], seed: int, batch: int = 8) -> dict:
-    colours = []
+    found = []
     for start in range(0, len(prompts), batch):
         images = pipe(prompts[start:start + batch], seed=seed + start, progress=False).images
-        colours += [object_colour(im) for im in images]
-    counts = {name: colours.count(name) for name in [*PALETTE, None] if colours.count(name)}
-    return {"pink": colours.count(CONCEPT) / len(colours), "object_found": sum(c is not None for c in colours) /
-            len(colours), "colours": {str(k): v for k, v in counts.items()}}
+        found += [largest_object(im) for im in images]
+    named = [next(c for c in shapes.COLORS if f" {c} " in f" {p} ") for p in prompts]
+    cross = [f is not None and is_cross(f[0]) for f in found]
+    right = [c and nearest_colour(f[1]) == col for c, f, col in zip(cross, found, named)]
+    return {CONCEPT: sum(cross) / len(prompts), "with_colour": sum(right) / len(prompts),
+            "object_found": sum(f is not None for f in found) / len(prompts)}
 
 
 def quick_base(folder: Path) -> str:
@@ -150,9 +181,10 @@ def table(r: dict) -> str:
     return "\n".join([
         f"LoRA rank {r['rank']}, {r['steps']} steps ({r['train_s'] / 60:.1f} min), on `{r['base']}`; "
         f"{r['prompts']} held-out '{r['concept']}' prompts.", "",
-        f"| | {r['concept']} objects | object found | general all-correct |", "|---|---|---|---|",
-        f"| base | {r['before']['pink']:.0%} | {r['before']['object_found']:.0%} | {g['before']} |",
-        f"| base + LoRA | {r['after']['pink']:.0%} | {r['after']['object_found']:.0%} | {g['after']} |"])
+        f"| | largest object a {r['concept']} | ... in the named colour | object found | general all-correct |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {r[k][CONCEPT]:.0%} | {r[k]['with_colour']:.0%} | {r[k]['object_found']:.0%} | {g[k]} |"
+          for name, k in (("base", "before"), ("base + LoRA", "after")))])
 
 
 def main() -> None:
