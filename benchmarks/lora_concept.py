@@ -1,4 +1,4 @@
-"""Does a LoRA teach a concept the base model never saw? Train one on a new shape, the cross, and measure before / after.
+"""Does a LoRA teach a concept the base model never saw? Train one on a new shape, a cross; measure before / after.
 
 The built-in model knows four shapes (circle, square, triangle, star); "cross" never appeared in a caption or an
 image. A colour would be the other natural test, but the built-in VAE, trained on the six palette colours only,
@@ -119,7 +119,8 @@ def is_cross(mask: np.ndarray) -> bool:
     h, w = mask.shape
     if min(h, w) < 6 or not 0.6 < h / w < 1.67:
         return False
-    cells = [[mask[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3].mean() for c in range(3)] for r in range(3)]
+    cells = [[mask[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3].mean() for c in range(3)]
+             for r in range(3)]
     corners = [cells[0][0], cells[0][2], cells[2][0], cells[2][2]]
     plus = [cells[1][0], cells[1][1], cells[1][2], cells[0][1], cells[2][1]]
     return max(corners) < 0.35 and min(plus) > 0.6

@@ -24,7 +24,8 @@ def test_filler_words_are_made_up_and_leave_the_content_words_whole():
     noisy, noisy_labels, _ = caption_batch(0, 3, 60, filler=1.0)
     assert torch.equal(labels[:1], noisy_labels[:1])  # the first caption is drawn before any filler randomness
     assert plain[0] != noisy[0]
-    for lang, text in [("en", "a small red circle above a blue star"), ("ru", "маленький красный круг над синей звездой"),
+    for lang, text in [("en", "a small red circle above a blue star"),
+                       ("ru", "маленький красный круг над синей звездой"),
                        ("zh", "一个红色的小圆形在蓝色的五角星的上方")]:
         for seed in range(20):
             out = with_filler(text, lang, np.random.default_rng(seed), words=3)

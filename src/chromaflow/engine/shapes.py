@@ -421,9 +421,9 @@ def filler_word(language: str, rng: np.random.Generator) -> str:
 
 
 def with_filler(text: str, language: str, rng: np.random.Generator, words: int | None = None) -> str:
-    """`text` with 1-3 made-up words at random word boundaries (zh: between any two characters). Pretraining the text
-    encoder on such captions teaches it to read the content words and pass over the rest, which is what a template
-    it never saw asks of it; what the caption states is unchanged."""
+    """`text` with 1-3 made-up words at random word boundaries (zh: between characters, never inside a vocabulary
+    word). Pretraining the text encoder on such captions teaches it to read the content words and pass over the rest,
+    which is what a template it never saw asks of it; what the caption states is unchanged."""
     if language == "zh":  # no spaces: any boundary that does not split a vocabulary word
         inside = {i for w in _ZH_WORDS for start in _occurrences(text, w) for i in range(start + 1, start + len(w))}
         cuts = [i for i in range(len(text) + 1) if i not in inside]

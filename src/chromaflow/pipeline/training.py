@@ -155,7 +155,8 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
     vae = VAE.load(cfg.vae).to(device)
     pipe = Pipeline(model.transformer, model.text, vae, name=cfg.name, defaults=Defaults(**cfg.defaults),
                     device=device)
-    report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), progress=progress, **spec.get("eval", {}))
+    report = evaluate_pipeline(pipe, grid_path=str(out / "eval-grid.png"), progress=progress,
+                               **spec.get("eval", {}))
     (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     if cfg.lora:  # the adapters are the result (hooked into `pipe` above); the base model is not re-exported
         return out / "dit"
