@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 import chromaflow
 from chromaflow.benchmark import emit
 from chromaflow.engine import shapes
+from chromaflow.engine.evaluate import background_rgb
 from chromaflow.engine.train import ShapesData, TrainConfig, train
 from chromaflow.pipeline.training import evaluate_pipeline
 
@@ -97,10 +98,7 @@ def largest_object(image: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
     """(mask cropped to its bbox, mean colour) of the largest connected foreground region; None when nothing shows."""
     from scipy import ndimage
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
-    w = max(1, a.shape[0] // 64)
-    border = np.concatenate([a[:w].reshape(-1, 3), a[-w:].reshape(-1, 3), a[:, :w].reshape(-1, 3),
-                             a[:, -w:].reshape(-1, 3)])
-    foreground = np.linalg.norm(a - np.median(border, 0), axis=-1) > 60
+    foreground = np.linalg.norm(a - background_rgb(a), axis=-1) > 60
     labels, n = ndimage.label(foreground)
     if n == 0:
         return None

@@ -287,9 +287,8 @@ def cmd_eval(args) -> int:
     else:
         from .pipeline.loading import load
         from .pipeline.training import evaluate_pipeline
-        settings = {k: v for k, v in dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-                                           shift=args.shift).items()
-                    if v is not None}
+        chosen = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, shift=args.shift)
+        settings = {k: v for k, v in chosen.items() if v is not None}
         report = evaluate_pipeline(load(args.model), args.n, seed=args.seed, grid_path=str(out / "grid.png"),
                                    progress=True, **settings)
     table = bench.markdown_table(report)

@@ -104,7 +104,8 @@ def spec_scene(spec: PromptSpec, rng: np.random.Generator):
 
 # --- detection --------------------------------------------------------------------------------------------------
 
-def _background_rgb(a: np.ndarray) -> np.ndarray:
+def background_rgb(a: np.ndarray) -> np.ndarray:
+    """Median colour of the image's outer ring (float array (H, W, 3))."""
     w = max(1, min(a.shape[:2]) // 64)
     ring = [a[:w], a[-w:], a[:, :w], a[:, -w:]]
     return np.median(np.concatenate([r.reshape(-1, 3) for r in ring]), axis=0)
@@ -112,7 +113,7 @@ def _background_rgb(a: np.ndarray) -> np.ndarray:
 
 def detect_background(image: Image.Image) -> str:
     """Name of the BACKGROUNDS entry nearest to the image's border colour."""
-    bg = _background_rgb(np.asarray(image.convert("RGB"), dtype=np.float32))
+    bg = background_rgb(np.asarray(image.convert("RGB"), dtype=np.float32))
     return min(BACKGROUNDS, key=lambda name: float(np.sum((np.array(BACKGROUNDS[name]) - bg) ** 2)))
 
 
@@ -120,7 +121,7 @@ def detect(image: Image.Image) -> list[Detection]:
     """Objects in `image`, largest first: colour by weighted majority, shape by ideal-shape fit, size, centre."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
     H, W = a.shape[:2]
-    bg = _background_rgb(a)
+    bg = background_rgb(a)
     p, d = a - bg, _PALETTE - bg
     # unmix p = alpha * d; alpha may overshoot 1 (a more saturated shade still belongs to its palette colour)
     alpha = np.clip(p @ d.T / np.maximum((d * d).sum(1), 1.0), 0.0, 1.5)                  # (H, W, K)
