@@ -6,7 +6,7 @@ decodes a pink object as purple, so no adapter on the transformer could draw pin
 cross faithfully. This script (one command) renders crosses in the known colours with English captions, mixes them
 1:1 with ordinary shapes-world batches (so the model keeps what it knew), trains a LoRA on the frozen built-in model
 with the regular trainer (`TrainConfig.lora`), and measures on held-out prompts ("a blue cross", "a small red cross
-on a black background", ...) how often the largest object is a cross, and in the named colour, before and after. The
+on a black background", ...) how often the largest object is a cross (the best-fitting of five shape templates), and in the named colour, before and after. The
 ordinary compositional benchmark (all-correct) shows whether anything was forgotten. Prints JSON and a markdown table.
 
     python benchmarks/lora_concept.py                    # built-in model, 300 steps (minutes on 2 idle cores)
@@ -46,16 +46,20 @@ def caption(template: str, colour: str, size: str, rng: np.random.Generator) -> 
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+def draw_cross(draw: ImageDraw.ImageDraw, box, fill) -> None:
+    """A plus filling pixel-space `box`: its middle row and column of the 3x3 grid over the box."""
+    x0, y0, x1, y1 = box
+    w, h = (x1 - x0) * ARM, (y1 - y0) * ARM
+    draw.rectangle([x0, y0 + h, x1, y1 - h], fill=fill)
+    draw.rectangle([x0 + w, y0, x1 - w, y1], fill=fill)
+
+
 def render_concept(colour: str, size: str, background: str, pixels: int, rng: np.random.Generator) -> Image.Image:
     """One cross, laid out (in a square's bbox) and anti-aliased exactly like the shapes world renders its shapes."""
     scene = shapes.place(rng, [("square", colour, size)], background=background)
     big = pixels * shapes.SUPERSAMPLE
-    x0, y0, x1, y1 = [v * big for v in scene.objects[0].bbox]
-    w, h = (x1 - x0) * ARM, (y1 - y0) * ARM
     image = Image.new("RGB", (big, big), shapes.BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([x0, y0 + h, x1, y1 - h], fill=shapes.COLORS[colour])
-    draw.rectangle([x0 + w, y0, x1 - w, y1], fill=shapes.COLORS[colour])
+    draw_cross(ImageDraw.Draw(image), [v * big for v in scene.objects[0].bbox], shapes.COLORS[colour])
     return image.reduce(shapes.SUPERSAMPLE)
 
 
@@ -110,18 +114,25 @@ def largest_object(image: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
     return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], a[mask].mean(0)
 
 
-def is_cross(mask: np.ndarray) -> bool:
-    """In the 3x3 grid over the bbox: the middle row and column filled, the four corners empty. No other shape of
-    the world passes: squares and triangles fill corners, circles fill about half of each corner cell, stars leave the
-    bottom-middle cell empty."""
+def template(shape: str, h: int, w: int) -> np.ndarray:
+    """Coverage (h, w) of `shape` stretched over an h x w bbox, anti-aliased like the renderer."""
+    if shape != CONCEPT:
+        return shapes.coverage(shape, (0, 0, w, h), (h, w))
+    mask = Image.new("L", (w * shapes.SUPERSAMPLE, h * shapes.SUPERSAMPLE), 0)
+    draw_cross(ImageDraw.Draw(mask), (0, 0, w * shapes.SUPERSAMPLE, h * shapes.SUPERSAMPLE), 255)
+    return np.asarray(mask.reduce(shapes.SUPERSAMPLE), dtype=np.float32) / 255.0
+
+
+def nearest_shape(mask: np.ndarray) -> str:
+    """The shape (the world's four or the concept) whose template over the mask's bbox overlaps it best (IoU). A
+    blobby cross still wins over a square (its empty corners) and a circle (its straight arms)."""
     h, w = mask.shape
-    if min(h, w) < 6 or not 0.6 < h / w < 1.67:
-        return False
-    cells = [[mask[h * r // 3:h * (r + 1) // 3, w * c // 3:w * (c + 1) // 3].mean() for c in range(3)]
-             for r in range(3)]
-    corners = [cells[0][0], cells[0][2], cells[2][0], cells[2][2]]
-    plus = [cells[1][0], cells[1][1], cells[1][2], cells[0][1], cells[2][1]]
-    return max(corners) < 0.35 and min(plus) > 0.6
+    if min(h, w) < 6:
+        return "none"
+    m = mask.astype(np.float32)
+    iou = {s: float(np.minimum(m, t).sum() / np.maximum(m, t).sum())
+           for s in (*shapes.SHAPES, CONCEPT) for t in [template(s, h, w)]}
+    return max(iou, key=iou.get)
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
@@ -134,7 +145,7 @@ def concept_accuracy(pipe, prompts: list[str], seed: int, batch: int = 8) -> dic
         images = pipe(prompts[start:start + batch], seed=seed + start, progress=False).images
         found += [largest_object(im) for im in images]
     named = [next(c for c in shapes.COLORS if f" {c} " in f" {p} ") for p in prompts]
-    cross = [f is not None and is_cross(f[0]) for f in found]
+    cross = [f is not None and nearest_shape(f[0]) == CONCEPT for f in found]
     right = [c and nearest_colour(f[1]) == col for c, f, col in zip(cross, found, named)]
     return {CONCEPT: sum(cross) / len(prompts), "with_colour": sum(right) / len(prompts),
             "object_found": sum(f is not None for f in found) / len(prompts)}
