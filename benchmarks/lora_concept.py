@@ -6,8 +6,9 @@ decodes a pink object as purple, so no adapter on the transformer could draw pin
 cross faithfully. This script (one command) renders crosses in the known colours with English captions, mixes them
 1:1 with ordinary shapes-world batches (so the model keeps what it knew), trains a LoRA on the frozen built-in model
 with the regular trainer (`TrainConfig.lora`), and measures on held-out prompts ("a blue cross", "a small red cross
-on a black background", ...) how often the largest object is a cross (the best-fitting of five shape templates), and in the named colour, before and after. The
-ordinary compositional benchmark (all-correct) shows whether anything was forgotten. Prints JSON and a markdown table.
+on a black background", ...) how often the largest object is a cross (the best-fitting of five shape templates), and
+in the named colour, before and after. The ordinary compositional benchmark (all-correct) shows whether anything
+was forgotten. Prints JSON and a markdown table.
 
     python benchmarks/lora_concept.py                    # built-in model, 300 steps (minutes on 2 idle cores)
     python benchmarks/lora_concept.py --quick            # tiny random base, 4 steps: the whole pipeline in seconds
