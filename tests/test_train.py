@@ -32,6 +32,15 @@ def tiny_config(vae_dir, steps=6, **kw) -> TrainConfig:
                        checkpoint_every=2, log_every=1, **kw)
 
 
+def test_time_limit_stops_with_a_checkpoint_and_the_run_continues_identically(vae_dir, tmp_path):
+    cfg = tiny_config(vae_dir, steps=3)
+    straight = train(cfg, tmp_path / "a", progress=False).state_dict()
+    train(cfg, tmp_path / "b", progress=False, time_limit=0)  # out of time after the first step
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 1
+    resumed = train(cfg, tmp_path / "b", progress=False).state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_interrupted_and_resumed_run_ends_bit_identical(vae_dir, tmp_path, optimizer):
     cfg = tiny_config(vae_dir, optimizer=optimizer)

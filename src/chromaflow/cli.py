@@ -129,12 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train a model (the built-in one: --preset default)",
-                       description="Rectified-flow training. A preset (default, tiny) or a JSON config; resumes from "
-                       "the newest checkpoint in the output folder unless --restart. Ctrl-C saves and exits.")
+                       description="Rectified-flow training. A preset (default, quick, tiny) or a JSON config; resumes "
+                       "from the newest checkpoint in the output folder unless --restart. Ctrl-C saves and exits; so "
+                       "does --hours, for training across several sittings.")
     t.add_argument("config", nargs="?", help="JSON training config")
-    t.add_argument("--preset", help="a built-in recipe: default (the built-in model), tiny (seconds, for tests)")
+    t.add_argument("--preset", help="a built-in recipe: default (the built-in model), quick (its one-hour version), "
+                   "tiny (seconds, for tests)")
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
+    t.add_argument("--hours", type=float, help="save a checkpoint and exit after this many hours of transformer "
+                   "training; the same command continues from there")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="score a model on the compositional benchmark",
@@ -272,7 +276,10 @@ def cmd_train(args) -> int:
     from .pipeline.training import run
     if bool(args.config) == bool(args.preset):
         raise ValueError("give either a CONFIG file or --preset NAME")
-    folder = run(args.config or args.preset, args.out, resume=not args.restart, progress=not args.quiet)
+    if args.hours is not None and args.hours <= 0:
+        raise ValueError(f"--hours must be positive, got {args.hours}")
+    folder = run(args.config or args.preset, args.out, resume=not args.restart, progress=not args.quiet,
+                 time_limit=None if args.hours is None else 3600 * args.hours)
     print(folder if folder else "stopped before the end; run the same command again to resume")
     return 0
 

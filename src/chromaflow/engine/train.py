@@ -414,8 +414,9 @@ class StopRequested(Exception):
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, preview=None, data=None) -> FlowModel:
-    """Train to cfg.total_steps (or `stop_after` more steps), checkpointing into out_dir; returns the model, with
+          stop_after: int | None = None, preview=None, data=None, time_limit: float | None = None) -> FlowModel:
+    """Train to cfg.total_steps (or `stop_after` more steps, or until `time_limit` seconds of this call have passed,
+    whichever comes first), checkpointing into out_dir; returns the model, with
     the EMA weights loaded once training is complete. `preview(model, vae, path)` draws sample grids (the
     pipeline layer provides it; it runs with EMA weights every cfg.sample_every steps and at the end). `data`
     replaces the configured source (anything with `batch(number, batch_size, size)`)."""
@@ -476,6 +477,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     batches = batch_stream(data, plan, workers)
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
     last_ckpt_time, started = time.time(), time.time() - wall
+    deadline = None if time_limit is None else time.time() + time_limit
     samples_done, rate_start = 0, time.time()
     try:
         while step < end:
@@ -509,7 +511,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
                     metrics.flush()
             # rank 0's clock and any rank's signal decide for all: saving (and sharded forwards) are collective
             due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
-            due, stopping = agree(main and due, stop["signal"] is not None)
+            out_of_time = deadline is not None and time.time() >= deadline
+            due, stopping = agree(main and due, stop["signal"] is not None or out_of_time)
             if due or step == end or stopping:
                 save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
                            cfg.keep_checkpoints, write=main)
@@ -521,8 +524,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
                 raise StopRequested
     except StopRequested:
         if main:
-            bar.write(f"stopped by signal {stop['signal'] or '(on another rank)'} at step {step}; "
-                      f"checkpoint saved in {out_dir}")
+            why = f"signal {stop['signal']}" if stop["signal"] else "the time limit" if out_of_time else \
+                "a signal on another rank"
+            bar.write(f"stopped by {why} at step {step}; checkpoint saved in {out_dir}")
     finally:
         bar.close()
         for s, handler in previous.items():

@@ -115,9 +115,10 @@ def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, b
 
 
 def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-        stop_after: int | None = None) -> Path | None:
+        stop_after: int | None = None, time_limit: float | None = None) -> Path | None:
     """Train every stage of a recipe into out_dir; returns the exported model folder once training completes (for a
-    LoRA recipe: the folder holding the LoRA files, evaluated with the LoRA applied)."""
+    LoRA recipe: the folder holding the LoRA files, evaluated with the LoRA applied). `time_limit` (seconds) bounds
+    the transformer stage of this call; the VAE and text-encoder stages, when the recipe has them, run to the end."""
     spec = recipe(preset_or_path)
     cfg = TrainConfig.from_dict(spec["train"])
     out = Path(out_dir or Path("runs") / cfg.name)
@@ -145,7 +146,7 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
                                                 **spec["text"].get("encoder", {})}}
             train_text_encoder(TextTrainConfig(**text), folder.parent, progress=progress)
         cfg.text_encoder = {"path": str(folder)}
-    model = train(cfg, out / "dit", resume=resume, progress=progress, stop_after=stop_after,
+    model = train(cfg, out / "dit", resume=resume, progress=progress, stop_after=stop_after, time_limit=time_limit,
                   preview=lambda m, vae, path: preview_grid(m, vae, path, cfg.defaults))
     ckpt = latest_checkpoint(out / "dit")
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
