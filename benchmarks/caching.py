@@ -6,6 +6,7 @@ markdown table. The issue's target: >= 1.5x fewer full passes for <= 1 point of 
 
     python benchmarks/caching.py                          # built-in model, 10 prompts per category and language
     python benchmarks/caching.py --model tiny --n 1       # smoke
+    python benchmarks/caching.py --fbc 0.15 --teacache --start 0.2 --max-skips 2   # guarded reuse
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from chromaflow.pipeline.training import evaluate_pipeline
 TARGET_PASS_RATIO, TARGET_LOSS = 1.5, 0.01
 
 
-def run(model: str, fbc: list[float], teacache: list[float], n: int, seed: int, steps: int | None) -> dict:
+def run(model: str, fbc: list[float], teacache: list[float], n: int, seed: int, steps: int | None,
+        cache_start: float = 0.0, max_skips: int | None = None) -> dict:
     pipe = chromaflow.load(model)
     steps = steps or pipe.defaults.steps
     cells = []
     for method, threshold in [(None, None), *(("fbc", t) for t in fbc), *(("teacache", t) for t in teacache)]:
         start = time.perf_counter()
+        guard = dict(cache_start=cache_start, cache_max_skips=max_skips) if method else {}
         report = evaluate_pipeline(pipe, n_per_category=n, seed=seed, steps=steps, cache=method,
-                                   cache_threshold=threshold)
+                                   cache_threshold=threshold, **guard)
         seconds = time.perf_counter() - start
         counts = report.get("cache", {})  # absent without a cache
         calls, full = counts.get("calls"), counts.get("full_passes")
@@ -46,12 +49,14 @@ def run(model: str, fbc: list[float], teacache: list[float], n: int, seed: int, 
         cell["accuracy_loss"] = round(base["accuracy"]["all_correct"] - cell["accuracy"]["all_correct"], 4)
         cell["speedup"] = round(base["seconds_per_image"] / cell["seconds_per_image"], 3)
         cell["meets_target"] = cell["pass_ratio"] >= TARGET_PASS_RATIO and cell["accuracy_loss"] <= TARGET_LOSS
-    return {"model": pipe.name, "steps": steps, "n_per_category": n, "seed": seed, "cells": cells}
+    return {"model": pipe.name, "steps": steps, "n_per_category": n, "seed": seed, "cache_start": cache_start,
+            "cache_max_skips": max_skips, "cells": cells}
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['model']}, {result['steps']} steps, {result['n_per_category']} prompts per category and "
-             f"language (same prompts and seeds in every row)", "",
+             f"language (same prompts and seeds in every row); cache_start {result['cache_start']}, "
+             f"cache_max_skips {result['cache_max_skips']}", "",
              "| cache | threshold | fewer full passes | all-correct % | loss (points) | s/image | speed-up | target |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in result["cells"]:
@@ -70,9 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=10, help="prompts per category and language")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start", type=float, default=0.0, help="cache_start: the first fraction of steps runs in full")
+    ap.add_argument("--max-skips", type=int, help="cache_max_skips: at most this many reuses in a row")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    result = run(args.model, args.fbc, args.teacache, args.n, args.seed, args.steps)
+    result = run(args.model, args.fbc, args.teacache, args.n, args.seed, args.steps, args.start, args.max_skips)
     emit(result, markdown(result), args.out)
 
 

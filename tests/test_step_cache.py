@@ -55,11 +55,22 @@ def test_a_new_batch_shape_forces_a_full_pass(model):
     assert cache.full_passes == 2
 
 
+def test_max_skips_caps_reuses_in_a_row(model):
+    cache = StepCache("fbc", threshold=10.0, max_skips=2)
+    args = inputs(model)
+    with torch.no_grad():
+        for _ in range(7):
+            model(*args, cache=cache)
+    assert cache.full_passes == 3  # full, 2 reused, full, 2 reused, full
+
+
 def test_bad_settings_name_the_valid_ones():
     with pytest.raises(ValueError, match="fbc, teacache"):
         StepCache("fast")
     with pytest.raises(ValueError, match="threshold"):
         StepCache("fbc", -1)
+    with pytest.raises(ValueError, match="max_skips"):
+        StepCache("fbc", 0.1, max_skips=0)
 
 
 def test_pipeline_cache_option_reports_full_passes_and_threshold_zero_is_exact():
@@ -72,3 +83,9 @@ def test_pipeline_cache_option_reports_full_passes_and_threshold_zero_is_exact()
     assert exact.settings["cache"]["full_passes"] == 6
     loose = pipe("a red circle", cache="teacache", cache_threshold=1e9, **settings)
     assert loose.settings["cache"] == {"method": "teacache", "threshold": 1e9, "calls": 6, "full_passes": 1}
+    # the first half of the steps run in full, every later one reuses
+    late = pipe("a red circle", cache="teacache", cache_threshold=1e9, cache_start=0.5, **settings)
+    assert late.settings["cache"]["full_passes"] == 3
+    assert not torch.allclose(late.latents, plain.latents)
+    with pytest.raises(ValueError, match="cache_start"):
+        pipe("a red circle", cache="fbc", cache_start=1.5, **settings)

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-threshold", type=float,
                    help="relative change under which a step reuses the cache (defaults: fbc 0.1, teacache 0.3); "
                    "higher is faster and less faithful")
+    g.add_argument("--cache-start", type=float, default=0.0, metavar="FRACTION",
+                   help="run this first fraction of the steps in full (they decide the composition); default 0")
+    g.add_argument("--cache-max-skips", type=int, metavar="N", help="reuse the cache at most N steps in a row")
     m = g.add_argument_group("editing", "img2img, inpainting and outpainting of an input image (README: Edit)")
     m.add_argument("--image", help="input image: img2img, or inpainting with --mask, or outpainting with --outpaint")
     m.add_argument("--mask", help="mask image, white = repaint; grays are differential diffusion (repainted later)")
@@ -263,7 +266,8 @@ def cmd_generate(args) -> int:
                   scheduler=args.scheduler, shift=args.shift, cfg_mode=args.cfg_mode, cfg_rescale=args.cfg_rescale,
                   cfg_interval=args.cfg_interval, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                   apg_momentum=args.apg_momentum, sampler_options=dict(args.sampler_option), cache=args.cache,
-                  cache_threshold=args.cache_threshold, progress=not args.quiet, **_mode_options(args))
+                  cache_threshold=args.cache_threshold, cache_start=args.cache_start,
+                  cache_max_skips=args.cache_max_skips, progress=not args.quiet, **_mode_options(args))
     out = Path(args.output)
     for n, image in enumerate(result.images):
         path = out if n == 0 else out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}")

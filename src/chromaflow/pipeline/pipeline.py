@@ -8,6 +8,7 @@ sampling pass, `Pipeline._sample`: they choose its start latents and start time,
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class Pipeline:
                  cfg_interval: tuple[float, float] | None = None, apg_eta: float | None = None,
                  apg_norm_threshold: float | None = None, apg_momentum: float | None = None,
                  sampler_options: dict | None = None, cache: str | None = None, cache_threshold: float | None = None,
+                 cache_start: float = 0.0, cache_max_skips: int | None = None,
                  image=None, mask=None, strength: float | None = None, mask_blur: float = 0.0,
                  outpaint: tuple[int, int, int, int] | None = None, outpaint_fill: str = "edge",
                  outpaint_decay: float = 0.5, tile: int | None = None, tile_stride: int | None = None,
@@ -154,7 +156,8 @@ class Pipeline:
         apg_* options are engine.guidance's; `sampler_options` are the sampler's own keywords (eta, s_noise, order).
         Unset options take the model's defaults (samplers and guidance: their own). `cache` ("fbc" First Block
         Cache, "teacache") skips most of the transformer on steps whose input barely changed (models.step_cache);
-        settings["cache"] then reports how many calls ran in full.
+        the first `cache_start` fraction of the steps always runs in full, and `cache_max_skips` caps reuses in a
+        row; settings["cache"] then reports how many calls ran in full.
         `callback(StepInfo)` runs after every step; returning False interrupts, and the images are then
         decoded from the latest clean estimate (settings["interrupted"]).
 
@@ -189,6 +192,8 @@ class Pipeline:
         scheduler = scheduler or named_scheduler or sampling.resolve_scheduler(d.scheduler) or "simple"
         seed = random.randrange(2**32) if seed is None else int(seed)
         validate(width=width, height=height, steps=steps, batch_size=batch_size, cfg=cfg)
+        if not 0 <= cache_start <= 1:
+            raise ValueError(f"cache_start is a fraction of the steps in [0, 1], got {cache_start}")
         options = {k: v for k, v in dict(cfg_mode=cfg_mode, cfg_rescale=cfg_rescale, cfg_interval=cfg_interval,
                                          apg_eta=apg_eta, apg_norm_threshold=apg_norm_threshold,
                                          apg_momentum=apg_momentum).items() if v is not None}
@@ -229,7 +234,8 @@ class Pipeline:
                  for rows in [prompts] + [[p] * n for p, _ in regions or []]]
         run = _Run(images=n, texts=texts, regions=region_masks, guidance=guidance, sampler=sampler,
                    sampler_options=dict(sampler_options or {}), scheduler=scheduler, shift=pick(shift, d.shift),
-                   cache=cache, cache_threshold=cache_threshold, tile=tile, tile_stride=tile_stride,
+                   cache=cache, cache_threshold=cache_threshold, cache_start=cache_start,
+                   cache_max_skips=cache_max_skips, tile=tile, tile_stride=tile_stride,
                    tile_batch=tile_batch, highres=highres, callback=callback, progress=progress,
                    generators=[torch.Generator().manual_seed(seed + i) for i in range(n)])
 
@@ -309,15 +315,18 @@ class Pipeline:
         """The guided model as a denoiser of h x w latents: one call over the canvas, or MultiDiffusion over
         windows and region prompts."""
         window_until = run.highres.window_until(sigmas)
+        steps = len(sigmas) - 1
+        cache_from = float(sigmas[min(steps, math.ceil(run.cache_start * steps))])  # t from which reuse is allowed
 
         def make(prompt_index: int, copies: int) -> sampling.GuidedDenoiser:
             step_cache = None
             if run.cache is not None:
                 threshold = CACHE_THRESHOLDS.get(run.cache, 0.1) if run.cache_threshold is None else run.cache_threshold
-                step_cache = StepCache(run.cache, threshold)  # one per window batch: it compares like with like
+                # one per window batch: it compares like with like
+                step_cache = StepCache(run.cache, threshold, run.cache_max_skips)
                 run.caches.append(step_cache)
             velocity = self._velocity(run.texts[prompt_index], run.images, copies, step_cache, run.highres,
-                                      window_until)
+                                      window_until, cache_from)
             return sampling.GuidedDenoiser(velocity, run.guidance)
 
         if run.tile is None and not run.regions:
@@ -332,7 +341,7 @@ class Pipeline:
         return tiles.multidiffusion(make, views, [background] + weights, run.tile_batch)
 
     def _velocity(self, text: TextEncoding, images: int, copies: int, step_cache: StepCache | None,
-                  highres: HighRes, window_until: float) -> Callable[[Tensor, Tensor], Tensor]:
+                  highres: HighRes, window_until: float, cache_from: float) -> Callable[[Tensor, Tensor], Tensor]:
         """velocity(x, t) for spatial latents whose rows are `copies` stacks of the `images` rows (window-major),
         all cond, or cond then uncond as GuidedDenoiser batches them."""
         n = images  # text rows: n cond, then n uncond if guidance needs them; each part stacked `copies` times
@@ -342,6 +351,8 @@ class Pipeline:
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             rows, _, h, w = x.shape
+            if step_cache is not None:
+                step_cache.allow_skip = float(t) <= cache_from
             out = self.transformer(pack(x), image_ids(rows, h // 2, w // 2, self.device), embeds[:rows],
                                    txt_ids[:rows], t.expand(rows), txt_mask=mask[:rows], cache=step_cache,
                                    **highres.model_options(h // 2, w // 2, t, window_until))
@@ -377,6 +388,8 @@ class _Run:
     sampler_options: dict
     cache: str | None
     cache_threshold: float | None
+    cache_start: float
+    cache_max_skips: int | None
     tile: int | None
     tile_stride: int | None
     tile_batch: int
