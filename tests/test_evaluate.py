@@ -34,6 +34,7 @@ def test_ground_truth_renders_score_all_correct(size):
     assert report["overall"]["all_correct"] >= 0.99, markdown_table(report)
     assert set(report["by_category"]) == set(CATEGORIES) and set(report["by_language"]) == {"en", "zh", "ru"}
     assert report["by_category"]["single"]["relation"] is None and report["by_category"]["two"]["relation"] >= 0.99
+    assert 0.99 <= report["overall"]["objects_per_asked"] <= 1.01  # every object found once
 
 
 def test_detector_reads_a_render():
@@ -101,7 +102,7 @@ def test_evaluate_report_table_and_grid(tmp_path):
 
     report = evaluate(generate, prompts, batch_size=4, grid_path=str(tmp_path / "grid.png"))
     json.dumps(report)
-    assert report["n"] == len(prompts) and set(report["overall"]) == {"n", *METRICS}
+    assert report["n"] == len(prompts) and set(report["overall"]) == {"n", *METRICS, "objects_per_asked"}
     assert report["overall"]["all_correct"] < 0.3
     table = markdown_table(report)
     assert table.count("\n") == 1 + 1 + len(report["by_category"]) + len(report["by_language"])

@@ -213,15 +213,20 @@ def _applies(spec: PromptSpec, metric: str) -> bool:
 # --- running and reporting --------------------------------------------------------------------------------------
 
 def evaluate_images(images: list[Image.Image], prompts: list[PromptSpec]) -> dict:
-    """Score one image per prompt; accuracies per metric over the prompts where the metric applies."""
-    rows = [dict(text=s.text, language=s.language, category=s.category, group=s.group,
-                 **score(s, detect(img), detect_background(img))) for s, img in zip(prompts, images, strict=True)]
+    """Score one image per prompt; accuracies per metric over the prompts where the metric applies, and the objects
+    found per object asked for (1.0 is right on average; above 1, extra or broken-up objects)."""
+    rows = []
+    for spec, image in zip(prompts, images, strict=True):
+        found = detect(image)
+        rows.append(dict(text=spec.text, language=spec.language, category=spec.category, group=spec.group,
+                         **score(spec, found, detect_background(image)), objects=len(found)))
 
     def summary(subset):
         out = {"n": len(subset)}
         for m in METRICS:
             vals = [r[m] for s, r in subset if _applies(s, m)]
             out[m] = sum(vals) / len(vals) if vals else None
+        out["objects_per_asked"] = sum(r["objects"] / len(s.objects) for s, r in subset) / max(1, len(subset))
         return out
 
     both = list(zip(prompts, rows))
@@ -262,12 +267,15 @@ def _finish(images, prompts, grid_path):
 
 
 def markdown_table(report: dict) -> str:
-    """Accuracy (%) per split (overall, categories, languages) x metric; "-" where a metric does not apply."""
+    """Accuracy (%) per split (overall, categories, languages) x metric, "-" where a metric does not apply; then the
+    objects found per object asked for."""
     rows = [("overall", report["overall"])] + list(report["by_category"].items()) + list(report["by_language"].items())
-    lines = ["| split | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+    lines = ["| split | n | " + " | ".join(METRICS) + " | objects / asked |",
+             "|---|---:|" + "---:|" * (len(METRICS) + 1)]
     for name, r in rows:
         cells = ["-" if r[m] is None else f"{100 * r[m]:.1f}" for m in METRICS]
-        lines.append(f"| {name} | {r['n']} | " + " | ".join(cells) + " |")
+        objects = f"{r['objects_per_asked']:.2f}" if "objects_per_asked" in r else "-"  # older reports lack it
+        lines.append(f"| {name} | {r['n']} | " + " | ".join(cells) + f" | {objects} |")
     return "\n".join(lines)
 
 
