@@ -31,6 +31,9 @@ def test_generate_writes_pngs_with_a1111_parameters_and_json_settings(tmp_path, 
     (["generate", "x", "--steps", "0"], "at least 1"),
     (["generate", "x", "--model", "/no/such/model.safetensors"], "no such file"),
     (["info", "/no/such/file.safetensors"], "file.safetensors"),
+    (["generate", "x", "--model", "tiny", "--image", "/no/such/photo.png"], "photo.png: no such file"),
+    (["generate", "x", "--model", "tiny", "--strength", "0.5"], "add --image"),
+    (["train", "--preset", "tiny", "--hours", "0"], "--hours must be positive"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line_reason(argv, reason, capsys):
     try:

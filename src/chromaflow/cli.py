@@ -236,6 +236,8 @@ def _open_image(path: str, what: str):
     try:
         with Image.open(path) as image:
             return image.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: no such file; check the path") from None
     except UnidentifiedImageError:
         raise ValueError(f"{what} {path}: not an image file") from None
 
@@ -244,6 +246,8 @@ def _mode_options(args) -> dict:
     """The editing / large-image options of `generate`, as pipeline keywords."""
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the image to inpaint)")
+    if (args.strength is not None or args.outpaint) and not args.image:
+        raise ValueError("--strength and --outpaint edit an input image: add --image FILE")
     return dict(image=args.image and _open_image(args.image, "--image"),
                 mask=args.mask and _open_image(args.mask, "--mask"), strength=args.strength,
                 mask_blur=args.mask_blur, outpaint=args.outpaint, outpaint_fill=args.outpaint_fill,

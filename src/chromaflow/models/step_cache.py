@@ -34,7 +34,7 @@ class StepCache:
         if threshold < 0:
             raise ValueError(f"cache threshold must be >= 0, got {threshold}")
         if max_skips is not None and max_skips < 1:
-            raise ValueError(f"cache max_skips must be >= 1 (or None: no cap), got {max_skips}")
+            raise ValueError(f"cache max_skips must be >= 1 (leave it unset for no cap), got {max_skips}")
         self.method, self.threshold, self.max_skips = method, threshold, max_skips
         self.allow_skip = True
         self.calls = self.full_passes = self.skips_in_a_row = 0
