@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from chromaflow.cli import main
+from chromaflow.engine.train import BUILTIN_DIR
 from chromaflow.formats.layouts import save_transformer
 from chromaflow.formats.png import read_png_settings
 from chromaflow.models.transformer import build
@@ -34,6 +35,7 @@ def test_generate_writes_pngs_with_a1111_parameters_and_json_settings(tmp_path, 
     (["generate", "x", "--model", "tiny", "--image", "/no/such/photo.png"], "photo.png: no such file"),
     (["generate", "x", "--model", "tiny", "--strength", "0.5"], "add --image"),
     (["train", "--preset", "tiny", "--hours", "0"], "--hours must be positive"),
+    (["convert", str(BUILTIN_DIR / "transformer.safetensors"), "out.bin", "--to", "q9"], "gguf:TYPE with TYPE one of"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line_reason(argv, reason, capsys):
     try:

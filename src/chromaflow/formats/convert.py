@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import ggml
 from .checkpoint import CheckpointError, open_checkpoint
 from .layouts import TransformerFile, _main_dtype, analyze, modelspec, save_transformer
 
@@ -62,7 +63,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
             state = {k: tf.get(k).to(dtype) for k in tf.plan}
             return save_transformer(state, dst, to, meta, params=tf.params, title=title, resolution=meta.get(
                 "modelspec.resolution"))
-        fmt = parse_format(to)
+        try:
+            fmt = parse_format(to)
+        except ValueError:
+            raise ValueError(f"unknown target format {to!r}; valid: {', '.join(MODEL_TARGETS)}, or gguf:TYPE with "
+                             f"TYPE one of {', '.join(t.name for t in ggml.WRITABLE)}") from None
         meta = {"chromaflow.params": json.dumps(tf.params.to_dict()), "chromaflow.layout": "original",
                 **_carried(ckpt.metadata, tf.architecture, title, "original", resolution)}
         if not isinstance(fmt, str):
