@@ -179,6 +179,21 @@ def test_config_rejects_unknown_keys():
         TrainConfig.from_dict({"lerning_rate": 1})
 
 
+@pytest.mark.parametrize("config, reason", [
+    ({"lr": "1e-4"}, "`lr` must be float"),
+    ({"ema_decay": None}, "`ema_decay` must be float"),
+    ({"bf16": 1}, "`bf16` must be bool"),
+    ({"warmup_steps": True}, "`warmup_steps` must be int"),
+    ({"stages": [{"steps": 10, "size": 100, "batch_size": 4}]}, "multiple of 16"),
+    ({"stages": [{"steps": 0, "size": 64, "batch_size": 4}]}, "positive integer"),
+    ({"stages": [{"steps": 10, "size": [64, 128], "batch_size": [4, 0]}]}, "batch_size"),
+])
+def test_config_rejects_wrong_values_naming_the_key(config, reason):
+    with pytest.raises(ValueError, match=reason):
+        TrainConfig.from_dict(config).stage_list
+    assert TrainConfig.from_dict({"lr": 1, "timestep_shift": "flux"}).lr == 1  # an int is a fine float
+
+
 def test_frozen_t5_text_encoder_is_not_trained(vae_dir, tmp_path):
     from helpers import make_tiny_t5
     make_tiny_t5(tmp_path / "t5")

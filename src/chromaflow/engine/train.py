@@ -57,12 +57,26 @@ class Stage:
         if unknown:
             raise ValueError(f"stage `loss` keys {unknown} are not flow-loss settings; valid: "
                              f"{', '.join(STAGE_LOSS_FIELDS)}")
+        sizes = self.size if isinstance(self.size, list) else [self.size]
+        batches = self.batch_size if isinstance(self.batch_size, list) else [self.batch_size]
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"stage `steps` must be a positive integer, got {self.steps!r}")
+        if not sizes or any(not isinstance(v, int) or v < 16 or v % 16 for v in sizes):
+            raise ValueError(f"stage `size` must be a positive multiple of 16 pixels (or a list of them), "
+                             f"got {self.size!r}")
+        if not batches or any(not isinstance(v, int) or v < 1 for v in batches):
+            raise ValueError(f"stage `batch_size` must be a positive integer (or a list of them), got "
+                             f"{self.batch_size!r}")
 
     def at(self, step: int) -> tuple[int, int]:
         """(size, batch_size) for the stage's step number `step`."""
         sizes = self.size if isinstance(self.size, list) else [self.size]
         batches = self.batch_size if isinstance(self.batch_size, list) else [self.batch_size]
         return sizes[step % len(sizes)], batches[step % len(batches)]
+
+
+_JSON_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict,),
+               "list": (list,), "tuple": (list, tuple)}  # what JSON may hold for a field of each annotation
 
 
 @dataclass
@@ -146,10 +160,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; valid: {', '.join(sorted(known))}")
+        for key, value in d.items():
+            wanted = _JSON_TYPES.get(known[key])  # simple annotations only; unions are checked where used
+            if wanted and not (isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted)):
+                raise ValueError(f"training config `{key}` must be {known[key]}, got {value!r}")
         return cls(**d)
 
     @classmethod
