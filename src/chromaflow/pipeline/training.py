@@ -196,7 +196,8 @@ def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session
         f"ru {100 * text['held_out']['ru']:.0f})"]
     return "\n".join([
         f"# chromaflow built-in model `{cfg.name}`", "",
-        f"Trained by `chromaflow train --preset {preset}` (same trainer as for real Chroma).", "",
+        f"Trained by `chromaflow train {'--preset ' if preset in PRESETS else ''}{preset}` (same trainer as for "
+        "real Chroma).", "",
         *text_line,
         f"- steps: {cfg.total_steps} ({', '.join(_stage_text(s) for s in cfg.stage_list)})",
         f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
