@@ -166,7 +166,8 @@ class TrainConfig:
             raise ValueError(f"unknown training config keys {unknown}; valid: {', '.join(sorted(known))}")
         for key, value in d.items():
             wanted = _JSON_TYPES.get(known[key])  # simple annotations only; unions are checked where used
-            if wanted and not (isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted)):
+            # (a JSON true is an int to Python: only bool fields take it)
+            if wanted and (not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted)):
                 raise ValueError(f"training config `{key}` must be {known[key]}, got {value!r}")
         return cls(**d)
 
@@ -434,10 +435,10 @@ class StopRequested(Exception):
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True,
           stop_after: int | None = None, preview=None, data=None, time_limit: float | None = None) -> FlowModel:
     """Train to cfg.total_steps (or `stop_after` more steps, or until `time_limit` seconds of this call have passed,
-    whichever comes first), checkpointing into out_dir; returns the model, with
-    the EMA weights loaded once training is complete. `preview(model, vae, path)` draws sample grids (the
-    pipeline layer provides it; it runs with EMA weights every cfg.sample_every steps and at the end). `data`
-    replaces the configured source (anything with `batch(number, batch_size, size)`)."""
+    whichever comes first), checkpointing into out_dir; returns the model, with the EMA weights loaded once training
+    is complete. `preview(model, vae, path)` draws sample grids (the pipeline layer provides it; it runs with EMA
+    weights every cfg.sample_every steps and at the end). `data` replaces the configured source (anything with
+    `batch(number, batch_size, size)`)."""
     out_dir = Path(out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = training_device(cfg)
