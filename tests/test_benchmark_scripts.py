@@ -16,8 +16,8 @@ SMOKE = {
     "formats.py": ["--quick"],
     "full_size_gguf.py": ["--preset", "tiny", "--size", "64"],
     "lora_concept.py": ["--quick"],
-    "caching.py": ["--model", "tiny", "--n", "1", "--steps", "4", "--fbc", "0.1", "--teacache", "0.3", "--start", "0.25",
-                   "--max-skips", "2"],
+    "caching.py": ["--model", "tiny", "--n", "1", "--steps", "4", "--fbc", "0.1", "--teacache", "0.3",
+                   "--start", "0.25", "--max-skips", "2"],
 }
 
 
