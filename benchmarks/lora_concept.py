@@ -115,13 +115,17 @@ def largest_object(image: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
     return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], a[mask].mean(0)
 
 
+def draw_any(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+    """shapes.draw_shape, plus the concept."""
+    if shape == CONCEPT:
+        draw_cross(draw, box, fill)
+    else:
+        shapes.draw_shape(draw, shape, box, fill)
+
+
 def template(shape: str, h: int, w: int) -> np.ndarray:
     """Coverage (h, w) of `shape` stretched over an h x w bbox, anti-aliased like the renderer."""
-    if shape != CONCEPT:
-        return shapes.coverage(shape, (0, 0, w, h), (h, w))
-    mask = Image.new("L", (w * shapes.SUPERSAMPLE, h * shapes.SUPERSAMPLE), 0)
-    draw_cross(ImageDraw.Draw(mask), (0, 0, w * shapes.SUPERSAMPLE, h * shapes.SUPERSAMPLE), 255)
-    return np.asarray(mask.reduce(shapes.SUPERSAMPLE), dtype=np.float32) / 255.0
+    return shapes.coverage(shape, (0, 0, w, h), (h, w), draw=draw_any)
 
 
 def nearest_shape(mask: np.ndarray) -> str:

@@ -161,11 +161,12 @@ def render(scene: Scene, size: int = 256) -> Image.Image:
     return img.reduce(SUPERSAMPLE)
 
 
-def coverage(shape: str, box, hw: tuple[int, int]) -> np.ndarray:
-    """Fractional pixel coverage (H, W) of `shape` in pixel-space `box`, anti-aliased exactly like `render`."""
+def coverage(shape: str, box, hw: tuple[int, int], draw=draw_shape) -> np.ndarray:
+    """Fractional pixel coverage (H, W) of `shape` in pixel-space `box`, anti-aliased exactly like `render`;
+    `draw(draw, shape, box, fill)` may draw shapes beyond the world's four."""
     h, w = hw
     mask = Image.new("L", (w * SUPERSAMPLE, h * SUPERSAMPLE), 0)
-    draw_shape(ImageDraw.Draw(mask), shape, [v * SUPERSAMPLE for v in box], 255)
+    draw(ImageDraw.Draw(mask), shape, [v * SUPERSAMPLE for v in box], 255)
     return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
 
 
