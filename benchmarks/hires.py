@@ -138,12 +138,14 @@ def run_attention(model: str, device: str, native: int, factors: list[int], repe
 # --- duplication ------------------------------------------------------------------------------------------------
 
 def run_duplication(model: str, device: str, native: int, steps: int | None, n: int, scales: list[int],
-                    batch: int, grid: str | None = None) -> list[dict]:
-    """Every mode at every scale on the counting prompts; `grid` saves the first 6 images of each cell."""
+                    batch: int, grid: str | None = None, modes: list[str] | None = None) -> list[dict]:
+    """Every mode (or those named in `modes`) at every scale on the counting prompts; `grid` saves the first 6
+    images of each cell."""
     pipe = chromaflow.load(model, device=device)
     specs = [s for s in benchmark_prompts(n) if s.category == "counting" and s.language == "en"]
     cells = [("native", 1, {})] + [(mode, scale, settings) for scale in scales
-                                   for mode, settings in duplication_modes(native, scale).items()]
+                                   for mode, settings in duplication_modes(native, scale).items()
+                                   if modes is None or mode.lower() in modes]
     rows, shown, captions = [], [], []
     for mode, scale, settings in cells:
         size = native if "hires_scale" in settings else native * scale
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16], help="pixel-count factors for the cost")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="side factors for duplication")
     ap.add_argument("--n", type=int, default=50, help="counting prompts (English)")
+    ap.add_argument("--modes", nargs="+", metavar="MODE", help="duplication modes to run (default: all): "
+                    + "; ".join(f"'{m}'" for m in duplication_modes(256, 2)))
     ap.add_argument("--batch", type=int, default=8, help="images per pipeline call in the duplication part")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps, 2 prompts, all in one "
                     "process (peak memory then accumulates): seconds")
@@ -225,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.cell:
         print(json.dumps(cost_cell(json.loads(args.cell))))
         return
+    if args.modes:
+        args.modes = [m.lower() for m in args.modes]
+        unknown = sorted(set(args.modes) - {m.lower() for m in duplication_modes(256, 2)})
+        if unknown:
+            ap.error(f"unknown --modes {unknown}; choose from: " + "; ".join(duplication_modes(256, 2)))
     if args.smoke:
         args.model, args.steps, args.n, args.factors, args.scales = "tiny", 2, 2, [1, 4], [2]
     native = chromaflow.load(args.model).defaults.width
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         result["attention"] = run_attention(args.model, args.device, native, sorted(set(args.factors) | {64}))
     if "duplication" in args.parts:
         result["duplication"] = run_duplication(args.model, args.device, native, steps, args.n, args.scales,
-                                                args.batch, args.grid)
+                                                args.batch, args.grid, args.modes)
     emit(result, markdown(result), args.out)
 
 

@@ -59,3 +59,10 @@ def test_the_lora_concept_classifier_tells_crosses_from_every_world_shape():
                 scene = shapes.place(np.random.default_rng([px, i]), [(shape, "blue", size)])
                 assert lc.nearest_shape(lc.largest_object(shapes.render(scene, px))[0]) == shape, (shape, px, size)
     assert lc.largest_object(shapes.render(shapes.place(rng, []), 64)) is None
+
+
+def test_hires_benchmark_names_its_duplication_modes_when_one_is_unknown():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hires.py"), "--smoke", "--modes", "plain",
+                           "ntk"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown --modes ['ntk']" in done.stderr
+    assert "choose from: plain; RoPE NTK;" in done.stderr
