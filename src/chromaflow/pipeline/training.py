@@ -200,6 +200,9 @@ def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session
         "real Chroma).", "",
         *text_line,
         f"- steps: {cfg.total_steps} ({', '.join(_stage_text(s) for s in cfg.stage_list)})",
+        f"- flow loss: timesteps {cfg.timesteps}, shift {cfg.timestep_shift}, minibatch OT pairing "
+        f"{'on' if cfg.ot_pairing else 'off'}, caption dropout {cfg.caption_dropout}; AdamW lr {cfg.lr}, "
+        f"EMA {cfg.ema_decay}",
         f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
         f"{hours['stages']:.2f} h, DiT {hours['dit']:.2f} h (all sessions; the last on {hours['device']})",
         f"- generation defaults: {cfg.defaults}", "",
