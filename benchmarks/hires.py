@@ -207,6 +207,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    mode_names = list(duplication_modes(256, 2))  # the names do not depend on the sizes
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="built-in name or model folder (default: the built-in model)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="side factors for duplication")
     ap.add_argument("--n", type=int, default=50, help="counting prompts (English)")
     ap.add_argument("--modes", nargs="+", metavar="MODE", help="duplication modes to run (default: all): "
-                    + "; ".join(f"'{m}'" for m in duplication_modes(256, 2)))
+                    + "; ".join(f"'{m}'" for m in mode_names))
     ap.add_argument("--batch", type=int, default=8, help="images per pipeline call in the duplication part")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps, 2 prompts, all in one "
                     "process (peak memory then accumulates): seconds")
@@ -231,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.modes:
         args.modes = [m.lower() for m in args.modes]
-        unknown = sorted(set(args.modes) - {m.lower() for m in duplication_modes(256, 2)})
+        unknown = sorted(set(args.modes) - {m.lower() for m in mode_names})
         if unknown:
-            ap.error(f"unknown --modes {unknown}; choose from: " + "; ".join(duplication_modes(256, 2)))
+            ap.error(f"unknown --modes {unknown}; choose from: " + "; ".join(mode_names))
     if args.smoke:
         args.model, args.steps, args.n, args.factors, args.scales = "tiny", 2, 2, [1, 4], [2]
     native = chromaflow.load(args.model).defaults.width
