@@ -42,7 +42,7 @@ def test_benchmark_smoke_run_prints_a_report(script, tmp_path):
         assert json.loads(out.read_text()) == report
 
 
-def test_the_lora_concept_classifier_tells_crosses_from_every_world_shape():
+def test_the_lora_concept_classifier_tells_the_new_shape_and_colour_from_the_world_ones():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import lora_concept as lc
@@ -53,8 +53,10 @@ def test_the_lora_concept_classifier_tells_crosses_from_every_world_shape():
     rng = np.random.default_rng(0)
     for px in (128, 256):
         for size in ("small", "large"):
-            mask, colour = lc.largest_object(lc.render_concept("green", size, "black", px, rng))
+            mask, colour = lc.largest_object(lc.render_concept("cross", "green", size, "black", px, rng))
             assert lc.nearest_shape(mask) == "cross" and lc.nearest_colour(colour) == "green"
+            mask, colour = lc.largest_object(lc.render_concept("star", "black", size, "white", px, rng))
+            assert lc.nearest_shape(mask) == "star" and lc.nearest_colour(colour) == "black"
             for i, shape in enumerate(shapes.SHAPES * 3):
                 scene = shapes.place(np.random.default_rng([px, i]), [(shape, "blue", size)])
                 assert lc.nearest_shape(lc.largest_object(shapes.render(scene, px))[0]) == shape, (shape, px, size)

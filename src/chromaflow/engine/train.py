@@ -31,7 +31,7 @@ from .distributed import STRATEGIES, agree, full_tensors, like, shard
 from ..models.lora import DEFAULT_TARGETS, add_lora
 from ..models.quant import is_quantized
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, chroma_mask, load_text_encoder
-from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, preset
+from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, init_adaln_zero, preset
 from ..models.vae import VAE, pack
 from . import flow
 from .report import loss_curve
@@ -86,6 +86,8 @@ class TrainConfig:
     # start from trained weights: a model folder (model.json; also supplies text encoder and VAE unless given),
     # a transformer checkpoint, or "builtin" (the shipped model)
     base: str = ""
+    # from scratch: "default" (PyTorch's layer init) or "adaln_zero" (DiT's: blocks start as the identity)
+    init: str = "default"
     # train a LoRA on the frozen base instead of the whole model: rank, alpha (default rank), targets (fnmatch
     # patterns over Linear names, default every block Linear), save (layouts written at the end)
     lora: dict = field(default_factory=dict)
@@ -253,6 +255,10 @@ def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
         text_path, vae_path = text_path or base_text, vae_path or base_vae
     else:
         transformer = build(transformer_params(cfg))
+        if cfg.init == "adaln_zero":
+            init_adaln_zero(transformer)
+        elif cfg.init != "default":
+            raise ValueError(f"unknown init {cfg.init!r}; valid: default, adaln_zero")
     if text_path:
         text = load_text_encoder(text_path)
     else:

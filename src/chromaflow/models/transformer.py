@@ -555,6 +555,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def init_adaln_zero(model: MMDiT) -> MMDiT:
+    """DiT's adaLN-Zero start for training from scratch: Xavier-uniform matrices, zero biases, and zero
+    modulation and output layers, so every block begins as the identity (gates 0) and the velocity as 0; the gates
+    then open as they learn. PyTorch's default init instead starts each block as a random perturbation."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    zeroed = [model.final_layer.linear]
+    if model.params.variant == "chroma":
+        zeroed.append(model.distilled_guidance_layer.out_proj)
+    else:
+        zeroed += [m.lin for m in model.modules() if isinstance(m, Modulation)]
+        zeroed.append(model.final_layer.adaLN_modulation[-1])
+    for layer in zeroed:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return model
+
+
 def build(params: MMDiTParams | str, device: str | torch.device | None = None,
           dtype: torch.dtype | None = None) -> MMDiT:
     """Instantiate a model; `device="meta"` builds the full-size presets without allocating memory."""
