@@ -1,17 +1,19 @@
 """Does a LoRA teach a concept the base model never saw? Train one on a new shape or colour; measure before / after.
 
 The built-in model knows four shapes (circle, square, triangle, star) in six colours; two concepts are new to it:
-- `black`: a colour no object ever had (black appeared only as a background, so the VAE can decode it; a palette
-  outsider such as pink decodes as purple, so no adapter on the transformer could draw it);
+- `charcoal`: a near-black colour no object ever had. The VAE can decode it (black appeared as a background); a
+  palette outsider such as pink decodes as purple, so no adapter on the transformer could draw that. The word is
+  "charcoal", not "black": the frozen byte-level text encoder reads "a black star" almost as "a blue star" (pooled
+  cosine 0.75), so a transformer-only LoRA cannot tell them apart, while "charcoal" is unlike every colour it knows;
 - `cross`: a plus-shaped fifth shape that never appeared in a caption or an image.
 This script (one command) renders the concept in the known shapes or colours with English captions, mixes it 1:1
 with ordinary shapes-world batches (so the model keeps what it knew), trains a LoRA on the frozen built-in model with
-the regular trainer (`TrainConfig.lora`), and measures on held-out prompts ("a black star", "a small red cross on a
+the regular trainer (`TrainConfig.lora`), and measures on held-out prompts ("a charcoal star", "a small red cross on a
 white background", ...) how often the largest object shows the concept (its colour nearest to the named one, or its
 best-fitting shape template the named shape), and with the other attribute right too, before and after. The
 ordinary compositional benchmark (all-correct) shows whether anything was forgotten. Prints JSON and a markdown table.
 
-    python benchmarks/lora_concept.py                    # black objects on the built-in model, 300 steps (minutes)
+    python benchmarks/lora_concept.py                    # charcoal objects on the built-in model (minutes)
     python benchmarks/lora_concept.py --concept cross    # the new shape
     python benchmarks/lora_concept.py --quick            # tiny random base, 4 steps: the whole pipeline in seconds
 """
@@ -37,7 +39,7 @@ from chromaflow.engine.train import ShapesData, TrainConfig, train
 from chromaflow.pipeline.training import evaluate_pipeline
 
 NEW_SHAPES = ("cross",)
-NEW_COLOURS = {"black": shapes.BACKGROUNDS["black"]}
+NEW_COLOURS = {"charcoal": (40, 40, 40)}
 CONCEPTS = (*NEW_COLOURS, *NEW_SHAPES)
 ALL_SHAPES = (*shapes.SHAPES, *NEW_SHAPES)
 ALL_COLOURS = {**shapes.COLORS, **NEW_COLOURS}
@@ -88,8 +90,8 @@ def concept_object(concept: str, i: int) -> tuple[str, str]:
 
 
 def backgrounds(concept: str) -> tuple[str, ...]:
-    """Plain backgrounds the concept shows on (a black object on black would be invisible)."""
-    return tuple(b for b in ("white", "black", "gray") if b != concept)
+    """Plain backgrounds the concept shows on (a charcoal object on black would be invisible)."""
+    return ("white", "gray") if concept in NEW_COLOURS else ("white", "black", "gray")
 
 
 class ConceptData:
@@ -232,15 +234,15 @@ def table(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concept", default="black", choices=CONCEPTS,
-                    help="what to teach: black (a new object colour) or cross (a new shape)")
+    ap.add_argument("--concept", default="charcoal", choices=CONCEPTS,
+                    help="what to teach: charcoal (a new object colour) or cross (a new shape)")
     ap.add_argument("--base", default="builtin", help="model folder to adapt (default: the built-in model)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 128, 128, 256], help="px, cycled step by step")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n", type=int, default=48, help="held-out concept prompts")
     ap.add_argument("--general-n", type=int, default=10, help="compositional benchmark prompts per category")
     ap.add_argument("--seed", type=int, default=0)

@@ -55,8 +55,8 @@ def test_the_lora_concept_classifier_tells_the_new_shape_and_colour_from_the_wor
         for size in ("small", "large"):
             mask, colour = lc.largest_object(lc.render_concept("cross", "green", size, "black", px, rng))
             assert lc.nearest_shape(mask) == "cross" and lc.nearest_colour(colour) == "green"
-            mask, colour = lc.largest_object(lc.render_concept("star", "black", size, "white", px, rng))
-            assert lc.nearest_shape(mask) == "star" and lc.nearest_colour(colour) == "black"
+            mask, colour = lc.largest_object(lc.render_concept("star", "charcoal", size, "white", px, rng))
+            assert lc.nearest_shape(mask) == "star" and lc.nearest_colour(colour) == "charcoal"
             for i, shape in enumerate(shapes.SHAPES * 3):
                 scene = shapes.place(np.random.default_rng([px, i]), [(shape, "blue", size)])
                 assert lc.nearest_shape(lc.largest_object(shapes.render(scene, px))[0]) == shape, (shape, px, size)
