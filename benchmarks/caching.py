@@ -18,13 +18,14 @@ import time
 import chromaflow
 from chromaflow.benchmark import emit
 from chromaflow.engine.evaluate import METRICS
+from chromaflow.pipeline.pipeline import CACHE_START
 from chromaflow.pipeline.training import evaluate_pipeline
 
 TARGET_PASS_RATIO, TARGET_LOSS = 1.5, 0.01
 
 
 def run(model: str, fbc: list[float], teacache: list[float], n: int, seed: int, steps: int | None,
-        cache_start: float = 0.0, max_skips: int | None = None) -> dict:
+        cache_start: float = CACHE_START, max_skips: int | None = None) -> dict:
     pipe = chromaflow.load(model)
     steps = steps or pipe.defaults.steps
     cells = []
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=10, help="prompts per category and language")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--start", type=float, default=0.0, help="cache_start: the first fraction of steps runs in full")
+    ap.add_argument("--start", type=float, default=CACHE_START,
+                    help=f"cache_start: this first fraction of the steps runs in full (default {CACHE_START})")
     ap.add_argument("--max-skips", type=int, help="cache_max_skips: at most this many reuses in a row")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)

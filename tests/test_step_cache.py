@@ -81,8 +81,11 @@ def test_pipeline_cache_option_reports_full_passes_and_threshold_zero_is_exact()
     exact = pipe("a red circle", cache="fbc", cache_threshold=0.0, **settings)
     assert torch.equal(exact.latents, plain.latents) or torch.allclose(exact.latents, plain.latents, atol=1e-5)
     assert exact.settings["cache"]["full_passes"] == 6
-    loose = pipe("a red circle", cache="teacache", cache_threshold=1e9, **settings)
+    loose = pipe("a red circle", cache="teacache", cache_threshold=1e9, cache_start=0.0, **settings)
     assert loose.settings["cache"] == {"method": "teacache", "threshold": 1e9, "calls": 6, "full_passes": 1}
+    # by default the first 20% of the steps (2 of 6) run in full
+    guarded = pipe("a red circle", cache="teacache", cache_threshold=1e9, **settings)
+    assert guarded.settings["cache"]["full_passes"] == 2
     # the first half of the steps run in full, every later one reuses
     late = pipe("a red circle", cache="teacache", cache_threshold=1e9, cache_start=0.5, **settings)
     assert late.settings["cache"]["full_passes"] == 3

@@ -78,10 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="step caching: skip most of the transformer on steps whose input barely changed "
                    "(fbc: First Block Cache; teacache: TeaCache)")
     g.add_argument("--cache-threshold", type=float,
-                   help="relative change under which a step reuses the cache (defaults: fbc 0.1, teacache 0.3); "
+                   help="relative change under which a step reuses the cache (defaults: fbc 0.12, teacache 0.3); "
                    "higher is faster and less faithful")
-    g.add_argument("--cache-start", type=float, default=0.0, metavar="FRACTION",
-                   help="run this first fraction of the steps in full (they decide the composition); default 0")
+    g.add_argument("--cache-start", type=float, default=0.2, metavar="FRACTION",
+                   help="run this first fraction of the steps in full (they decide the composition); default 0.2")
     g.add_argument("--cache-max-skips", type=int, metavar="N", help="reuse the cache at most N steps in a row")
     m = g.add_argument_group("editing", "img2img, inpainting and outpainting of an input image (README: Edit)")
     m.add_argument("--image", help="input image: img2img, or inpainting with --mask, or outpainting with --outpaint")
