@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from chromaflow.formats.checkpoint import open_checkpoint
 from chromaflow.engine.train import TrainConfig, build_models, lr_at, parameter_groups, train
+from chromaflow.models.precision import runnable
 from chromaflow.models.transformer import build
 from chromaflow.models.vae import VAE, small_vae_config
 
@@ -235,8 +237,11 @@ def test_preset_tiny_trains_every_stage_and_exports_a_loadable_model(tmp_path, c
     assert "flow loss: timesteps chroma, shift None, minibatch OT pairing on" in card  # the tiny preset's recipe
     assert json.loads((tmp_path / "dit" / "config.json").read_text())["text_encoder"] == {
         "path": str(tmp_path / "text_train" / "text_encoder")}
+    with safe_open(folder / "transformer.safetensors", "pt") as f:  # stored in bf16; run in what is fast here
+        assert f.get_slice("img_in.weight").get_dtype() == "BF16"
     pipe = load(folder)
-    assert pipe.transformer.img_in.weight.dtype == torch.bfloat16 and pipe("a red circle", seed=0).image.size == (64, 64)
+    assert pipe.transformer.img_in.weight.dtype == runnable(torch.bfloat16)
+    assert pipe("a red circle", seed=0).image.size == (64, 64)
 
 
 def test_training_on_an_image_folder_with_cached_latents(vae_dir, tmp_path):

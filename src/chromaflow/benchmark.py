@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .formats.layouts import original_to_diffusers
+from .models.precision import fast_bf16
 from .models.text import chroma_mask
 from .models.transformer import MMDiT, MMDiTParams, build, image_ids
 from .models.vae import pack
@@ -61,7 +62,7 @@ def machine_info() -> dict:
     return {"cpu": next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")),
                         platform.processor()),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags}
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "fast_bf16": fast_bf16("cpu")}
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048), seconds: float = 1.0) -> float:
@@ -221,9 +222,11 @@ def bench_txt2img(pipe, prompt: str, size: int, steps: int, cfg: float, repeats:
 # --- training -----------------------------------------------------------------------------------------------------
 
 def bench_train(params: MMDiTParams, side: int, visible: int, batch: int, repeats: int = 3, peer: bool = True,
-                bf16: bool = True) -> dict:
+                bf16: bool | None = None) -> dict:
     """Samples/s of one optimizer step on fixed latents and text: our trainer's transformer (pads dropped, bf16
-    autocast) vs a plain loop on diffusers' model with the same config and autocast, text padded to 512."""
+    autocast where this CPU runs bf16 natively: `bf16` None) vs a plain loop on diffusers' model with the same
+    config and autocast, text padded to 512."""
+    bf16 = fast_bf16("cpu") if bf16 is None else bf16
     torch.manual_seed(0)
     model = build(params).train()
     g = torch.Generator().manual_seed(2)
@@ -246,7 +249,7 @@ def bench_train(params: MMDiTParams, side: int, visible: int, batch: int, repeat
             opt.zero_grad(set_to_none=True)
         return step
 
-    out: dict = {"tokens_img": side * side, "tokens_txt": visible, "batch": batch}
+    out: dict = {"tokens_img": side * side, "tokens_txt": visible, "batch": batch, "bf16": bf16}
     ours = measure(step_fn(model, lambda m: m(x, ids, txt, txt_ids, t, txt_mask=mask)), repeats)
     out["ours"], out["ours_sps"] = ours, batch / ours["median"]
     if peer:
@@ -276,12 +279,15 @@ def run(model: str = "default", quick: bool = False, repeats: int | None = None,
     repeats = repeats or (2 if quick else 3)
     report: dict = {"machine": machine_info(), "model": model, "quick": quick}
     log("matmul peak")
+    emulated = not fast_bf16("cpu")  # emulated bf16 runs ~0.3 GFLOP/s: one 2048^3 matmul would take a minute
     report["matmul_peak_gflops"] = {
         "fp32": matmul_peak(torch.float32, (512,) if quick else (1024, 2048), 0.3 if quick else 2.0),
-        "bf16": matmul_peak(torch.bfloat16, (512,) if quick else (1024, 2048), 0.3 if quick else 2.0)}
-    peak = report["matmul_peak_gflops"]["bf16"]
+        "bf16": matmul_peak(torch.bfloat16, (512,) if quick or emulated else (1024, 2048), 0.3 if quick else 2.0)}
 
     pipe = random_pipeline("tiny") if quick else load(model)
+    dtype = next(pipe.transformer.parameters()).dtype  # MFU against the peak of the dtype the model runs in
+    report["dtype"] = str(dtype).removeprefix("torch.")
+    peak = report["matmul_peak_gflops"]["bf16" if dtype == torch.bfloat16 else "fp32"]
     size, steps = (64, 4) if quick else (256, 20)
     report["parameters"] = sum(p.numel() for p in pipe.transformer.parameters())
     log("transformer forward")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write
+from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
 from .shapes import LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene, with_filler
 
@@ -127,7 +128,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
             texts, labels, _ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with bf16_autocast(device):
                 enc = encoder.encode(texts)
                 loss = label_loss(readout(enc.embeds, enc.mask), labels.to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
+from ..models.precision import bf16_autocast
 from ..models.vae import VAE, small_vae_config
 from .shapes import BACKGROUNDS, ShapesDataset, render, to_tensor
 
@@ -57,7 +58,7 @@ class VAETrainConfig:
     kl_weight: float = 1e-5             # per latent element, against per-pixel losses (= 1e-5 / 12 in LDM's sums)
     edge_weight: float = 0.5
     l2_weight: float = 1.0              # PSNR is an L2 metric: punish the rare large colour errors
-    bf16: bool = True                   # autocast the convs to bf16 (CPU with AVX-512 bf16, or GPU)
+    bf16: bool = True                   # autocast the convs to bf16 where that is fast (AVX-512 BF16 / AMX CPU, GPU)
     seed: int = 0
     init: str | None = None             # start from this VAE folder's weights (a fine-tuning stage)
     log_every: int = 10
@@ -118,12 +119,12 @@ def _grad_l1(a: Tensor, b: Tensor) -> Tensor:
 
 
 def vae_loss(vae: VAE, images: Tensor, cfg: VAETrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=cfg.bf16):
+    with bf16_autocast(images.device, cfg.bf16):
         posterior = vae.ae.encode(images).latent_dist
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     z = mean + torch.exp(0.5 * logvar) * noise
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=cfg.bf16):
+    with bf16_autocast(images.device, cfg.bf16):
         recon = vae.ae.decode(z).sample.float()
     l1 = (recon - images).abs().mean()
     l2 = (recon - images).square().mean()

@@ -378,10 +378,12 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     Everything is checked from headers before any tensor is read; then each parameter is read (memory-mapped),
     converted, cast and copied on its own, so peak memory is about one model. `dtype=None` keeps the file's main
-    dtype (bfloat16 when weights are quantized). GGUF and low-bit (fp8, int8, NF4) weights stay compact in memory
+    dtype (bfloat16 when weights are quantized), or float32 where that type is slow on `device` (bf16 on a CPU
+    without AVX-512 BF16 / AMX: models.precision). GGUF and low-bit (fp8, int8, NF4) weights stay compact in memory
     as models.quant.QuantLinear layers, expanded per layer on each forward; `quantize` ("int8", "fp8", "nf4",
     "Q8_0", "Q4_K", ...) compacts the remaining eligible layers the same way while loading.
     Returns the model in eval mode and an info dict (layout, architecture, params, dtype, files, metadata)."""
+    from ..models.precision import runnable
     from ..models.quant import QuantLinear, pack_weight, parse_format, quantizable, set_module
     fmt = parse_format(quantize) if quantize else None
     with open_checkpoint(path) as ckpt:
@@ -396,7 +398,8 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | None = None,
             if key.endswith(".weight") and key[:-7] in linears and len(parts) == 1 and parts[0][1] is None:
                 if (p := ckpt.packed(tf.keymap[parts[0][0]])) is not None:
                     packed[key[:-7]] = p
-        dtype = dtype or (torch.bfloat16 if packed or fmt else _main_dtype(ckpt, tf.keymap.values()))
+        if dtype is None:  # the file's own precision, or fp32 where that half type is slow on this device
+            dtype = runnable(torch.bfloat16 if packed or fmt else _main_dtype(ckpt, tf.keymap.values()), device)
         state = {}
         for key in expected:
             module = key[:-7] if key.endswith(".weight") else None

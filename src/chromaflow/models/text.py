@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
+from .precision import run_fast
 
 MARKER = "chromaflow_model"  # config.json field that identifies our own encoder folders
 WEIGHTS_NAME = "model.safetensors"
@@ -260,8 +261,13 @@ def _t5_folders(path: Path, tokenizer_path: str | Path | None) -> tuple[Path, Pa
 
 def load_text_encoder(path: str | Path, *, tokenizer_path: str | Path | None = None, max_length: int | None = None,
                       dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """A ByteTextEncoder folder (our marker in config.json) or a T5 folder (model_type t5)."""
-    path = Path(path)
+    """A ByteTextEncoder folder (our marker in config.json) or a T5 folder (model_type t5); with `dtype` None, in
+    the stored precision unless that is a half type this device runs slowly (then float32)."""
+    encoder = _load_text_encoder(Path(path), tokenizer_path, max_length, dtype, device)
+    return encoder if dtype is not None else run_fast(encoder, device or "cpu")
+
+
+def _load_text_encoder(path: Path, tokenizer_path, max_length, dtype, device):
     config = _read_config(path)
     if config is not None and MARKER in config:
         return ByteTextEncoder.load(path, dtype=dtype, device=device)
