@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from chromaflow.cli import main
-from chromaflow.engine.train import BUILTIN_DIR
+from chromaflow import BUILTIN_DIR
 from chromaflow.formats.layouts import save_transformer
 from chromaflow.formats.png import read_png_settings
 from chromaflow.models.transformer import build

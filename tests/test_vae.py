@@ -77,15 +77,43 @@ def test_encode_decode_shapes_and_normalisation():
     images = torch.rand(2, 3, 32, 48) * 2 - 1
     with torch.no_grad():
         z = vae.encode(images)
-        mean = vae.ae.encode(images).latent_dist.mean
+        mean = vae.ae.encode(images).mean
         x = vae.decode(z)
-        raw = vae.ae.decode(z / 0.5 + 0.1).sample
+        raw = vae.ae.decode(z / 0.5 + 0.1)
     assert z.shape == (2, 16, 4, 6) and vae.downsample == 8
     torch.testing.assert_close(z, (mean - 0.1) * 0.5)
     assert x.shape == images.shape
     torch.testing.assert_close(x, raw)
     with pytest.raises(ValueError, match="divisible"):
         vae.encode(torch.zeros(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_quant_conv": True, "use_post_quant_conv": True, "layers_per_block": 2}])
+def test_same_network_as_diffusers_autoencoder_kl(extra):
+    """Our autoencoder and diffusers' AutoencoderKL, loaded with the same weights, compute the same posterior and
+    images (the mid-block attention, quant convs and multi-resnet levels included)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(3)
+    config = {**small_vae_config(**SMALL), **extra}
+    vae = VAE(config).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = vae.to_diffusers().eval()
+    assert type(ref) is AutoencoderKL and ref.config.layers_per_block == config["layers_per_block"]
+    images, z = torch.rand(2, 3, 32, 48) * 2 - 1, torch.randn(2, 16, 4, 6)
+    with torch.no_grad():
+        ours, theirs = vae.ae.encode(images), ref.encode(images).latent_dist
+        torch.testing.assert_close(ours.mean, theirs.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.logvar, theirs.logvar, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vae.ae.decode(z), ref.decode(z).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_vae_configs_are_refused_by_name():
+    with pytest.raises(ValueError, match="up_block_types.*UpDecoderBlock2D"):
+        VAE({**small_vae_config(), "up_block_types": ["AttnUpDecoderBlock2D"] * 4})
+    with pytest.raises(ValueError, match="act_fn 'gelu'"):
+        VAE({**small_vae_config(), "act_fn": "gelu"})
 
 
 def test_batch_rows_equal_single_images():

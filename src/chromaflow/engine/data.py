@@ -207,7 +207,7 @@ def vae_fingerprint(vae) -> str:
     """A hash of the VAE's config and weights: a cache entry is reused only by the VAE that wrote it."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     config = getattr(getattr(vae, "ae", None), "config", None)
-    h.update(json.dumps(dict(config or {}), sort_keys=True, default=str).encode())
+    h.update((config.to_json_string() if config is not None else "").encode())
     for name, t in vae.state_dict().items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

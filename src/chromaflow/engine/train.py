@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import BUILTIN_DIR
 from ..formats.checkpoint import atomic_write, open_checkpoint, save_checkpoint
 from .distributed import STRATEGIES, agree, full_tensors, like, shard
 from ..models.lora import DEFAULT_TARGETS, add_lora
@@ -223,9 +224,6 @@ class FlowModel(nn.Module):
         mask = chroma_mask(enc.mask)
         txt_ids = torch.zeros(*mask.shape, 3, device=x_t.device)
         return self.transformer(x_t, img_ids, enc.embeds, txt_ids, t, txt_mask=mask)
-
-
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 
 
 def base_model_files(base: str) -> tuple[Path, Path | None, Path | None]:
@@ -458,7 +456,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     main = rank == 0
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     transformer, text, vae = build_models(cfg)
-    vae.ae.disable_slicing()  # encode whole batches (one-at-a-time slicing is for reproducible inference)
+    vae.ae.slicing = False  # encode whole batches (one-at-a-time slicing is for reproducible inference)
     vae.to(device, memory_format=torch.channels_last)  # oneDNN's preferred layout for CPU convs
     transformer.to(device)
     text.to(device)

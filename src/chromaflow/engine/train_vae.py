@@ -120,12 +120,12 @@ def _grad_l1(a: Tensor, b: Tensor) -> Tensor:
 
 def vae_loss(vae: VAE, images: Tensor, cfg: VAETrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
     with bf16_autocast(images.device, cfg.bf16):
-        posterior = vae.ae.encode(images).latent_dist
+        posterior = vae.ae.encode(images)
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     z = mean + torch.exp(0.5 * logvar) * noise
     with bf16_autocast(images.device, cfg.bf16):
-        recon = vae.ae.decode(z).sample.float()
+        recon = vae.ae.decode(z).float()
     l1 = (recon - images).abs().mean()
     l2 = (recon - images).square().mean()
     edge = _grad_l1(recon, images)
@@ -154,7 +154,7 @@ def measure_latent_stats(vae: VAE, dataset: ShapesDataset, n: int = 512) -> tupl
     total = total_sq = count = 0.0
     for i in range(n):
         img, _ = dataset[i]
-        z = vae.ae.encode(img[None].to(next(vae.parameters()).device)).latent_dist.mean.double()
+        z = vae.ae.encode(img[None].to(next(vae.parameters()).device)).mean.double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
     mean = total / count
     return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0))
@@ -228,7 +228,7 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
     head = vae.ae.quant_conv if vae.ae.quant_conv is not None else vae.ae.encoder.conv_out  # emits (mean, logvar)
     with torch.no_grad():
         head.bias[vae.latent_channels:] = cfg.initial_logvar
-    vae.ae.disable_slicing()   # a training batch runs as one; VAE's one-at-a-time slicing is for inference
+    vae.ae.slicing = False   # a training batch runs as one; VAE's one-at-a-time slicing is for inference
     vae.to(memory_format=torch.channels_last)   # oneDNN's preferred layout: ~1.2x faster CPU convs
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed = 0, 0.0   # elapsed: training seconds over all sessions of this run
@@ -284,10 +284,11 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
 
 def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path, train_seconds: float = 0.0) -> VAE:
     """Measure and write the latent normalisation, save the VAE, a comparison image and a summary."""
-    vae.eval().ae.enable_slicing()
+    vae.eval()
+    vae.ae.slicing = True
     stats_data = ShapesDataset(cfg.seed + EVAL_SEED_OFFSET, cfg.stats_size, as_tensor=True)
     mean, std = measure_latent_stats(vae, stats_data, cfg.stats_images)
-    vae.ae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    vae.ae.config.update(shift_factor=mean, scaling_factor=1.0 / std)
     vae.save(out_dir / "vae")
 
     summary = {}

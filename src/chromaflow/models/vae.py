@@ -1,7 +1,7 @@
 """The Flux autoencoder: images <-> normalised 16-channel latents, and 2x2 latent packing (spec §6).
 
-`VAE` wraps diffusers' `AutoencoderKL` (the same network as BFL's `AutoEncoder`) and applies the
-latent normalisation `z = scale * (mean - shift)` itself, so the rest of chromaflow only ever sees
+`VAE` wraps the KL autoencoder (`models.autoencoder`: diffusers' `AutoencoderKL`, the same network as BFL's
+`AutoEncoder`, without importing diffusers) and applies the latent normalisation `z = scale * (mean - shift)` itself, so the rest of chromaflow only ever sees
 normalised latents. Weights load from a local diffusers folder or a BFL single-file `ae.safetensors`;
 the original <-> diffusers key mapping is one function (`_original_key`) used in both directions.
 `encode` / `decode` take `tile=` (pixels) to work tile by tile on large images: tiles overlap and are blended
@@ -16,12 +16,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..formats.checkpoint import DIFFUSERS_WEIGHTS as WEIGHTS_NAME, atomic_write, save_checkpoint
+from .autoencoder import Autoencoder
 
 # prefixes under which a single-file checkpoint may nest its autoencoder
 _ORIGINAL_PREFIXES = ("first_stage_model.", "vae.", "ae.")
@@ -65,14 +65,12 @@ def small_vae_config(block_out_channels=(32, 64, 128, 128), layers_per_block: in
 
 
 class VAE(nn.Module):
-    """AutoencoderKL plus the latent normalisation; `encode`/`decode` speak images in [-1, 1]."""
+    """The autoencoder plus the latent normalisation; `encode`/`decode` speak images in [-1, 1]. Batches run one
+    image at a time (`ae.slicing`), so image i of a batch equals image i made alone; training turns that off."""
 
     def __init__(self, config: Mapping):
         super().__init__()
-        self.ae = AutoencoderKL.from_config(dict(config))
-        # one image at a time: CPU convs are not bit-identical across batch sizes, and image i of a batch must
-        # equal image i made alone (also lowers peak memory); `ae.disable_slicing()` trades that for throughput
-        self.ae.enable_slicing()
+        self.ae = Autoencoder(dict(config))
 
     @property
     def scaling_factor(self) -> float:
@@ -98,7 +96,7 @@ class VAE(nn.Module):
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be divisible by {d}")
         p = next(self.parameters())
         images = images.to(p.device, p.dtype)
-        encode = lambda x: self.ae.encode(x).latent_dist.mean  # noqa: E731
+        encode = lambda x: self.ae.encode(x).mean  # noqa: E731
         mean = encode(images) if tile is None else tiled(encode, images, *self._tiling(tile, overlap), 1 / d)
         return (mean - self.shift_factor) * self.scaling_factor
 
@@ -107,10 +105,10 @@ class VAE(nn.Module):
         p = next(self.parameters())
         z = latents.to(p.device, p.dtype) / self.scaling_factor + self.shift_factor
         if tile is None:
-            return self.ae.decode(z).sample
+            return self.ae.decode(z)
         d = self.downsample
         tile, overlap = self._tiling(tile, overlap)
-        return tiled(lambda x: self.ae.decode(x).sample, z, tile // d, overlap // d, d)
+        return tiled(self.ae.decode, z, tile // d, overlap // d, d)
 
     def _tiling(self, tile: int, overlap: int | None) -> tuple[int, int]:
         """Validated (tile, overlap) in pixels."""
@@ -132,13 +130,20 @@ class VAE(nn.Module):
             out[new] = value[..., None, None] if ".attn_1." in new and value.ndim == 2 else value  # 1x1 convs
         return out
 
+    def to_diffusers(self):
+        """The same weights as a diffusers AutoencoderKL (for diffusers pipelines: the benchmark's peer)."""
+        from diffusers import AutoencoderKL
+        ae = AutoencoderKL.from_config(json.loads(self.ae.config.to_json_string()))
+        ae.load_state_dict(self.ae.state_dict())
+        return ae.to(next(self.parameters()).dtype)
+
     def save(self, folder: str | Path) -> None:
         """Write a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.ae.state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
         with atomic_write(folder / "config.json", "w") as f:
-            f.write(self.ae.to_json_string())
+            f.write(self.ae.config.to_json_string())
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import BUILTIN_DIR
 from ..formats.checkpoint import atomic_write
 from ..formats.layouts import load_transformer, save_transformer
 from ..models.lora import LoRASpec, apply_loras
@@ -29,7 +30,6 @@ from ..models.quant import quantize_model
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, load_text_encoder
 from ..models.transformer import build, preset
 from ..models.vae import VAE, small_vae_config
-from ..engine.train import BUILTIN_DIR  # the shipped model's folder (also a training base)
 from .pipeline import Defaults, Pipeline
 
 # random-weight stand-ins: transformer preset, text encoder config, VAE config, generation defaults
