@@ -173,7 +173,7 @@ def peer_pipeline(pipe, ref=None):
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     ref = ref if ref is not None else peer_transformer(pipe.transformer)
     dtype = next(ref.parameters()).dtype  # a diffusers user loads the whole pipeline in one torch_dtype
-    vae = pipe.vae.to_diffusers().to(dtype)
+    vae = pipe.vae.to_diffusers(dtype)
     peer = ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=ref)
     peer.set_progress_bar_config(disable=True)
     return peer

@@ -1,8 +1,8 @@
 """The Flux autoencoder: images <-> normalised 16-channel latents, and 2x2 latent packing (spec §6).
 
 `VAE` wraps the KL autoencoder (`models.autoencoder`: diffusers' `AutoencoderKL`, the same network as BFL's
-`AutoEncoder`, without importing diffusers) and applies the latent normalisation `z = scale * (mean - shift)` itself, so the rest of chromaflow only ever sees
-normalised latents. Weights load from a local diffusers folder or a BFL single-file `ae.safetensors`;
+`AutoEncoder`, without importing diffusers) and applies the latent normalisation `z = scale * (mean - shift)`
+itself, so the rest of chromaflow only ever sees normalised latents. Weights load from a local diffusers folder or a BFL single-file `ae.safetensors`;
 the original <-> diffusers key mapping is one function (`_original_key`) used in both directions.
 `encode` / `decode` take `tile=` (pixels) to work tile by tile on large images: tiles overlap and are blended
 with linear ramps across the overlap, so memory is bounded by the tile size and seams do not show.
@@ -130,12 +130,13 @@ class VAE(nn.Module):
             out[new] = value[..., None, None] if ".attn_1." in new and value.ndim == 2 else value  # 1x1 convs
         return out
 
-    def to_diffusers(self):
-        """The same weights as a diffusers AutoencoderKL (for diffusers pipelines: the benchmark's peer)."""
+    def to_diffusers(self, dtype: torch.dtype | None = None):
+        """The same weights as a diffusers AutoencoderKL, in `dtype` (default: ours), e.g. for a diffusers pipeline."""
         from diffusers import AutoencoderKL
         ae = AutoencoderKL.from_config(json.loads(self.ae.config.to_json_string()))
         ae.load_state_dict(self.ae.state_dict())
-        return ae.to(next(self.parameters()).dtype)
+        dtype = dtype or next(self.parameters()).dtype
+        return ae if dtype == torch.float32 else ae.to(dtype)
 
     def save(self, folder: str | Path) -> None:
         """Write a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors)."""
