@@ -91,7 +91,7 @@ class Level(nn.Module):
     def __init__(self, cin: int, cout: int, layers: int, groups: int, resample: type[nn.Module] | None, attr: str):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(layers)])
-        self.resample_attr = attr
+        self.resample_attr = attr  # the checkpoint's name for it: "downsamplers" or "upsamplers"
         setattr(self, attr, nn.ModuleList([resample(cout)] if resample else []))
 
     def forward(self, x: Tensor) -> Tensor:
