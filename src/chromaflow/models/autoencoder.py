@@ -11,7 +11,7 @@ per level and nearest-neighbour 2x upsampling.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,7 @@ class AutoencoderConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    raw: dict | None = None
+    raw: dict = field(default_factory=lambda: {"_class_name": "AutoencoderKL"})
 
     @classmethod
     def from_dict(cls, raw: dict) -> "AutoencoderConfig":

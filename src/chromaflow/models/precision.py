@@ -37,7 +37,7 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     if platform.machine().lower() in ("aarch64", "arm64"):
-        return " bf16" in _cpu_features()
+        return "bf16" in _cpu_features().split()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
