@@ -288,7 +288,7 @@ def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path, train_seconds: float 
     vae.ae.slicing = True
     stats_data = ShapesDataset(cfg.seed + EVAL_SEED_OFFSET, cfg.stats_size, as_tensor=True)
     mean, std = measure_latent_stats(vae, stats_data, cfg.stats_images)
-    vae.ae.config.update(shift_factor=mean, scaling_factor=1.0 / std)
+    vae.ae.config.shift_factor, vae.ae.config.scaling_factor = mean, 1.0 / std
     vae.save(out_dir / "vae")
 
     summary = {}

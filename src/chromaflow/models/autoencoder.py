@@ -11,7 +11,7 @@ per level and nearest-neighbour 2x upsampling.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,8 @@ _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpD
 
 @dataclass
 class AutoencoderConfig:
-    """The fields of diffusers' AutoencoderKL config.json this network reads; `raw` keeps the whole file."""
+    """The fields of diffusers' AutoencoderKL config.json this network reads (set them to change the saved config);
+    `raw` keeps the whole file."""
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple = (64,)
@@ -180,14 +181,10 @@ class AutoencoderConfig:
         config.block_out_channels = list(config.block_out_channels)
         return config
 
-    def update(self, **changes) -> None:
-        for key, value in changes.items():
-            setattr(self, key, value)
-            self.raw[key] = value
-
     def to_json_string(self) -> str:
-        return json.dumps({**self.raw, "block_out_channels": list(self.block_out_channels)}, indent=2,
-                          sort_keys=True) + "\n"
+        """The file read (other diffusers fields kept as they were) with this network's fields as they are now."""
+        fields = {k: v for k, v in asdict(self).items() if k != "raw"}
+        return json.dumps({**self.raw, **fields}, indent=2, sort_keys=True) + "\n"
 
 
 class Autoencoder(nn.Module):
