@@ -122,3 +122,11 @@ def test_builtin_recipe_chains_its_stages(tmp_path, monkeypatch):
     state = json.loads((tmp_path / "stage2" / "state" / "trainer.json").read_text())
     assert state["config"]["init"] == str(tmp_path / "stage1" / "vae")
     assert VAE.load(tmp_path / "stage2" / "vae").scaling_factor == pytest.approx(vae.scaling_factor)
+
+
+def test_crop_size_must_suit_the_vae_downsampling():
+    five_levels = dict(block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1, norm_num_groups=1)
+    VAETrainConfig(vae=five_levels, image_size=96, scene_sizes=(128,))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        VAETrainConfig(vae=five_levels, image_size=40, scene_sizes=(64,))
+    VAETrainConfig(image_size=40, scene_sizes=(64,))  # 8x: 40 px crops are fine

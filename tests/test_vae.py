@@ -66,6 +66,19 @@ def test_small_config_validation():
     assert small_vae_config()["latent_channels"] == 16
     with pytest.raises(ValueError, match="4 levels"):
         small_vae_config(block_out_channels=(8, 8, 8))
+
+
+def test_five_level_small_vae_downsamples_16x():
+    """A fifth level halves once more: 256 px images become 16x16 latents, and decode inverts the shape."""
+    torch.manual_seed(0)
+    vae = VAE(small_vae_config(block_out_channels=(8, 8, 8, 8, 8), norm_num_groups=1)).eval()
+    assert vae.downsample == 16
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 64, 96) * 2 - 1)
+        assert z.shape == (1, 16, 4, 6)
+        assert vae.decode(z).shape == (1, 3, 64, 96)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        vae.encode(torch.zeros(1, 3, 40, 64))
     with pytest.raises(ValueError, match="norm_num_groups"):
         small_vae_config(block_out_channels=(8, 8, 8, 12), norm_num_groups=8)
 

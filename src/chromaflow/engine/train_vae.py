@@ -71,9 +71,10 @@ class VAETrainConfig:
 
     def __post_init__(self):
         self.scene_sizes = tuple(self.scene_sizes)
-        if self.image_size % 8 or min(self.scene_sizes) < self.image_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of 8 and fit every scene size "
-                             f"{self.scene_sizes}")
+        down = 2 ** (len(self.vae.get("block_out_channels", (0,) * 4)) - 1)  # 8x for 4 levels, 16x for 5
+        if self.image_size % down or min(self.scene_sizes) < self.image_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {down} (the VAE's downsampling) "
+                             f"and fit every scene size {self.scene_sizes}")
 
     def vae_config(self) -> dict:
         return {**small_vae_config(**self.vae), "mid_block_add_attention": self.mid_block_attention}

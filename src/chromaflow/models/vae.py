@@ -53,10 +53,10 @@ def flux_vae_config() -> dict:
 
 def small_vae_config(block_out_channels=(32, 64, 128, 128), layers_per_block: int = 1, norm_num_groups: int = 8,
                      latent_channels: int = 16, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
-    """A Flux-shaped VAE at a fraction of the width; four levels keep the 8x downsample that packing assumes."""
+    """A Flux-shaped VAE at a fraction of the width: four levels downsample 8x (Flux's), five 16x."""
     block_out_channels = list(block_out_channels)
-    if len(block_out_channels) != 4:
-        raise ValueError(f"block_out_channels needs 4 levels (8x downsample), got {block_out_channels}")
+    if len(block_out_channels) not in (4, 5):
+        raise ValueError(f"block_out_channels needs 4 levels (8x downsample) or 5 (16x), got {block_out_channels}")
     if any(c % norm_num_groups for c in block_out_channels):
         raise ValueError(f"norm_num_groups {norm_num_groups} must divide every block width {block_out_channels}")
     return {**flux_vae_config(), "block_out_channels": block_out_channels, "layers_per_block": layers_per_block,
