@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
 from ..models.precision import bf16_autocast
-from ..models.vae import VAE, small_vae_config
+from ..models.vae import VAE, downsample_factor, small_vae_config
 from .shapes import BACKGROUNDS, ShapesDataset, render, to_tensor
 
 EVAL_SEED_OFFSET = 1_000_003   # held-out images: dataset seed + offset, a stream training never draws from
@@ -71,7 +71,7 @@ class VAETrainConfig:
 
     def __post_init__(self):
         self.scene_sizes = tuple(self.scene_sizes)
-        down = 2 ** (len(self.vae.get("block_out_channels", (0,) * 4)) - 1)  # 8x for 4 levels, 16x for 5
+        down = downsample_factor(self.vae_config()["block_out_channels"])
         if self.image_size % down or min(self.scene_sizes) < self.image_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {down} (the VAE's downsampling) "
                              f"and fit every scene size {self.scene_sizes}")

@@ -2,7 +2,8 @@
 
 `VAE` wraps the KL autoencoder (`models.autoencoder`: diffusers' `AutoencoderKL`, the same network as BFL's
 `AutoEncoder`, without importing diffusers) and applies the latent normalisation `z = scale * (mean - shift)`
-itself, so the rest of chromaflow only ever sees normalised latents. Weights load from a local diffusers folder or a BFL single-file `ae.safetensors`;
+itself, so the rest of chromaflow only ever sees normalised latents. Weights load from a local diffusers folder
+or a BFL single-file `ae.safetensors`;
 the original <-> diffusers key mapping is one function (`_original_key`) used in both directions.
 `encode` / `decode` take `tile=` (pixels) to work tile by tile on large images: tiles overlap and are blended
 with linear ramps across the overlap, so memory is bounded by the tile size and seams do not show.
@@ -51,6 +52,11 @@ def flux_vae_config() -> dict:
     )
 
 
+def downsample_factor(block_out_channels) -> int:
+    """Pixels per latent cell along a side: every level after the first halves the image."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def small_vae_config(block_out_channels=(32, 64, 128, 128), layers_per_block: int = 1, norm_num_groups: int = 8,
                      latent_channels: int = 16, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
     """A Flux-shaped VAE at a fraction of the width: four levels downsample 8x (Flux's), five 16x."""
@@ -86,7 +92,7 @@ class VAE(nn.Module):
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.ae.config.block_out_channels) - 1)
+        return downsample_factor(self.ae.config.block_out_channels)
 
     def encode(self, images: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8); the posterior mean, as BFL does.
@@ -135,8 +141,7 @@ class VAE(nn.Module):
         from diffusers import AutoencoderKL
         ae = AutoencoderKL.from_config(json.loads(self.ae.config.to_json_string()))
         ae.load_state_dict(self.ae.state_dict())
-        dtype = dtype or next(self.parameters()).dtype
-        return ae if dtype == torch.float32 else ae.to(dtype)
+        return ae.to(dtype or next(self.parameters()).dtype)
 
     def save(self, folder: str | Path) -> None:
         """Write a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors)."""
