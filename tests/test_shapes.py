@@ -137,3 +137,15 @@ def test_caption_labels_state_content_independent_of_word_order():
     assert labels[-1] == list(BACKGROUNDS).index("white")
     three = caption_labels(_scene("count", "circle", "orange", 3), sized=False)
     assert three[PAIRS.index(("orange", "circle"))] == 3 and three[2 * n] == 0  # a count, no relation
+
+
+def test_shape_labels_mark_each_objects_pixels_with_its_shape():
+    from chromaflow.engine.shapes import SHAPES, shape_labels
+    for scene in SCENES[:40]:
+        labels, image = shape_labels(scene, 128), np.asarray(render(scene, 128)).astype(int)
+        assert labels.shape == (128, 128)
+        assert set(np.unique(labels)) == {0} | {1 + SHAPES.index(o.shape) for o in scene.objects}
+        off_background = np.abs(image - BACKGROUNDS[scene.background]).sum(-1) > 0
+        assert ((labels > 0) == off_background).mean() > 0.97  # they differ only on anti-aliased edge pixels
+    world = ShapesDataset(seed=5, size=64)
+    assert np.array_equal(world.labels(7), shape_labels(world.scene(7)[0], 64))

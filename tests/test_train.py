@@ -189,6 +189,7 @@ def test_config_rejects_unknown_keys():
     ({"stages": [{"steps": 10, "size": 100, "batch_size": 4}]}, "multiple of 16"),
     ({"stages": [{"steps": 0, "size": 64, "batch_size": 4}]}, "positive integer"),
     ({"stages": [{"steps": 10, "size": [64, 128], "batch_size": [4, 0]}]}, "batch_size"),
+    ({"label_loss": {"wieght": 1}}, r"label_loss keys \['wieght'\] are unknown"),
 ])
 def test_config_rejects_wrong_values_naming_the_key(config, reason):
     with pytest.raises(ValueError, match=reason):
@@ -260,3 +261,27 @@ def test_rendering_batches_in_worker_processes_changes_nothing(vae_dir, tmp_path
     inline = train(tiny_config(vae_dir, steps=3, data_workers=0), tmp_path / "a", progress=False).state_dict()
     ahead = train(tiny_config(vae_dir, steps=3, data_workers=2), tmp_path / "b", progress=False).state_dict()
     assert all(torch.equal(inline[k], ahead[k]) for k in inline)
+
+
+def test_label_targets_share_each_latent_pixels_area_in_the_packed_layout():
+    from chromaflow.engine.train import label_targets
+    labels = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    labels[0, :8, :4] = 3  # half of latent pixel (0, 0) at 8x downsampling
+    target = label_targets(labels, 5, (4, 4)).unflatten(-1, (5, 4))  # (B, tokens, classes, 2x2 sub-pixels)
+    assert target.shape == (1, 4, 5, 4) and torch.allclose(target.sum(2), torch.ones(1, 4, 4))
+    assert target[0, 0, 3, 0] == 0.5 and target[0, 0, 0, 0] == 0.5 and target[0, 0, 0, 1:].eq(1).all()
+
+
+def test_label_loss_trains_a_head_on_the_shape_maps_and_resumes_identically(vae_dir, tmp_path):
+    cfg = tiny_config(vae_dir, steps=6, label_loss={"weight": 0.5, "block": 2})
+    straight = train(cfg, tmp_path / "a", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["label_ce"] < r["loss"] / 0.5 for r in rows)  # the total includes 0.5 x the cross-entropy
+    head = straight.label_head.mlp[0].weight
+    torch.manual_seed(cfg.seed)
+    assert not torch.equal(head, type(straight.label_head)(build_models(cfg)[0], 2).mlp[0].weight)  # it trained
+    train(cfg, tmp_path / "b", progress=False, stop_after=3)
+    resumed = train(cfg, tmp_path / "b", progress=False).state_dict()
+    assert all(torch.equal(v, resumed[k]) for k, v in straight.state_dict().items())
+    with pytest.raises(ValueError, match=r"label_loss block must be in 1\.\.4"):
+        train(tiny_config(vae_dir, label_loss={"block": 5}), tmp_path / "c", progress=False)

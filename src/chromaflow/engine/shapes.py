@@ -161,6 +161,16 @@ def render(scene: Scene, size: int = 256) -> Image.Image:
     return img.reduce(SUPERSAMPLE)
 
 
+def shape_labels(scene: Scene, size: int = 256) -> np.ndarray:
+    """(size, size) uint8 map of which shape covers each pixel: 0 background, 1 + its SHAPES index inside an
+    object (aliased): dense targets for the trainer's `label_loss`."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        draw_shape(draw, o.shape, [v * size for v in o.bbox], 1 + SHAPES.index(o.shape))
+    return np.asarray(img)
+
+
 def coverage(shape: str, box, hw: tuple[int, int], draw=draw_shape) -> np.ndarray:
     """Fractional pixel coverage (H, W) of `shape` in pixel-space `box`, anti-aliased exactly like `render`;
     `draw(draw, shape, box, fill)` may draw shapes beyond the world's four."""
@@ -502,6 +512,10 @@ class ShapesDataset:
         text, _ = caption(scene, rng, languages=self.languages, weights=self.language_weights)
         img = render(scene, self.size)
         return (to_tensor(img) if self.as_tensor else img), text
+
+    def labels(self, index: int) -> np.ndarray:
+        """Item `index`'s shape_labels at the dataset's size."""
+        return shape_labels(self.scene(index)[0], self.size)
 
     def __iter__(self):
         for i in range(self.length):

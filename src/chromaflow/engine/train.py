@@ -35,6 +35,7 @@ from ..models.quant import is_quantized
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, chroma_mask, load_text_encoder
 from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, init_adaln_zero, preset
 from ..models.vae import VAE, pack
+from .shapes import SHAPES, ShapesDataset
 from . import flow
 from .report import loss_curve
 
@@ -109,6 +110,11 @@ class TrainConfig:
     mode_scale: float = 1.29
     timestep_shift: float | str | None = None  # number, "flux" (resolution-dependent) or None
     ot_pairing: bool = True
+    # REPA-style auxiliary loss, for data with per-pixel label maps (the shapes world: which shape covers each
+    # pixel): {"weight": w (0.5), "block": k (2)}: a small head reads the image tokens after block k (double blocks
+    # first, counted from 1) and predicts the labels of each latent pixel, so the early blocks must represent object
+    # geometry; the loss adds w * cross-entropy. The head trains with the model and is left out of the export.
+    label_loss: dict = field(default_factory=dict)
     caption_dropout: float = 0.1  # empty caption, so the model learns the unconditional velocity for CFG
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -134,6 +140,13 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     defaults: dict = field(default_factory=lambda: {"width": 256, "height": 256, "steps": 20, "cfg": 4.0})
+
+    def __post_init__(self):
+        if self.label_loss:
+            unknown = sorted(set(self.label_loss) - {"weight", "block"})
+            if unknown:
+                raise ValueError(f"label_loss keys {unknown} are unknown; valid: weight, block")
+            self.label_loss = {"weight": 0.5, "block": 2, **self.label_loss}
 
     @property
     def total_steps(self) -> int:
@@ -189,9 +202,12 @@ class FlowModel(nn.Module):
     """Everything that trains, in one module (so DDP syncs it): the transformer and, optionally, the text encoder;
     or, for a LoRA, the adapters (`lora`) hooked into the frozen transformer."""
 
-    def __init__(self, transformer: MMDiT, text_encoder: nn.Module, train_text: bool, lora: dict | None = None):
+    def __init__(self, transformer: MMDiT, text_encoder: nn.Module, train_text: bool, lora: dict | None = None,
+                 label_loss: dict | None = None):
         super().__init__()
         self.transformer = transformer
+        if label_loss:
+            self.label_head = LabelHead(transformer, int(label_loss["block"]))
         if lora:
             transformer.requires_grad_(False)
             self.lora, self.lora_hooks = add_lora(transformer, int(lora["rank"]), lora.get("alpha"),
@@ -218,12 +234,41 @@ class FlowModel(nn.Module):
         else:
             self.load_state_dict(state)
 
-    def forward(self, x_t: Tensor, img_ids: Tensor, t: Tensor, captions: list[str]) -> Tensor:
+    def forward(self, x_t: Tensor, img_ids: Tensor, t: Tensor, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        """-> (velocity, label logits (B, L, classes * 4) or None without a label head)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and hasattr(self, "text_encoder")):
             enc = self.text.encode(captions)
         mask = chroma_mask(enc.mask)
         txt_ids = torch.zeros(*mask.shape, 3, device=x_t.device)
-        return self.transformer(x_t, img_ids, enc.embeds, txt_ids, t, txt_mask=mask)
+        velocity = self.transformer(x_t, img_ids, enc.embeds, txt_ids, t, txt_mask=mask)
+        return velocity, (self.label_head.logits(x_t.shape[1]) if hasattr(self, "label_head") else None)
+
+
+class LabelHead(nn.Module):
+    """The label loss's reader: an MLP from the image tokens after one block to per-latent-pixel class logits (4
+    latent pixels per 2x2-packed token), the tokens taken by a forward hook so the transformer stays unchanged."""
+
+    def __init__(self, transformer: MMDiT, block: int, classes: int = 1 + len(SHAPES)):
+        super().__init__()
+        blocks = [*transformer.double_blocks, *transformer.single_blocks]
+        if not 1 <= block <= len(blocks):
+            raise ValueError(f"label_loss block must be in 1..{len(blocks)} (the transformer's blocks), got {block}")
+        h = transformer.params.hidden_size
+        self.mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 4 * classes))
+        self.features = None
+        # a double block returns (img, txt); a single block the joint sequence, image tokens last
+        blocks[block - 1].register_forward_hook(
+            lambda module, args, out: setattr(self, "features", out[0] if isinstance(out, tuple) else out))
+
+    def logits(self, image_tokens: int) -> Tensor:
+        return self.mlp(self.features[:, -image_tokens:].float())
+
+
+def label_targets(labels: Tensor, classes: int, latent_hw: tuple[int, int]) -> Tensor:
+    """(B, H, W) class maps -> (B, L, classes * 4) soft targets laid out like `pack`: the share of each latent
+    pixel's area under each class."""
+    one_hot = nn.functional.one_hot(labels.long(), classes).permute(0, 3, 1, 2).float()
+    return pack(nn.functional.adaptive_avg_pool2d(one_hot, latent_hw))
 
 
 def base_model_files(base: str) -> tuple[Path, Path | None, Path | None]:
@@ -326,7 +371,7 @@ def make_data(cfg: TrainConfig, vae: VAE | None = None):
     (latents, captions) already encoded when it `returns_latents` (a latent cache, which needs the VAE)."""
     kind = cfg.data.get("kind", "shapes")
     if kind == "shapes":
-        return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"})
+        return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"}, labels=bool(cfg.label_loss))
     from .data import make_dataset  # image folders, JSONL manifests, buckets, latent caches
     return make_dataset(cfg.data, vae=vae)
 
@@ -353,18 +398,25 @@ def batch_stream(data, plan: list[tuple[int, int, int]], workers: int = 0):
 
 
 class ShapesData:
-    def __init__(self, seed: int = 0, languages=("en", "zh", "ru"), language_weights=None, kind_weights=None):
-        from .shapes import ShapesDataset
+    """Batches of the shapes world: (images, captions), and each image's shape_labels map with `labels`."""
+
+    def __init__(self, seed: int = 0, languages=("en", "zh", "ru"), language_weights=None, kind_weights=None,
+                 labels: bool = False):
         self.world = ShapesDataset(seed=seed, languages=languages, language_weights=language_weights,
                                    kind_weights=kind_weights, as_tensor=True)
+        self.labels = labels
 
-    def batch(self, number: int, batch_size: int, size: int) -> tuple[Tensor, list[str]]:
+    def batch(self, number: int, batch_size: int, size: int) -> tuple:
         if batch_size > 4096:
             raise ValueError(f"batch_size {batch_size} is over 4096 per process")
         self.world.size = size
         # batch `number` owns the item range [number * 4096, ...): unique even when batch sizes vary by step
-        items = [self.world[number * 4096 + i] for i in range(batch_size)]
-        return torch.stack([img for img, _ in items]), [cap for _, cap in items]
+        indices = range(number * 4096, number * 4096 + batch_size)
+        items = [self.world[i] for i in indices]
+        images, captions = torch.stack([img for img, _ in items]), [cap for _, cap in items]
+        if not self.labels:
+            return images, captions
+        return images, captions, torch.from_numpy(np.stack([self.world.labels(i) for i in indices]))
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
@@ -463,6 +515,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora and "rank" not in cfg.lora:
         raise ValueError("the `lora` config needs a rank, e.g. {\"rank\": 16}")
+    if cfg.lora and cfg.label_loss:
+        raise ValueError("label_loss trains a head beside the whole transformer; it does not combine with `lora`")
     if cfg.lora and not cfg.base:
         raise ValueError("a LoRA trains on trained weights: set `base` (a model folder, checkpoint or \"builtin\")")
     if is_quantized(transformer) and not cfg.lora:
@@ -473,7 +527,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     sharded = distributed and cfg.parallel == "fsdp"
     if sharded and cfg.lora:
         raise ValueError("a LoRA trains with parallel \"ddp\" (its adapters are small); fsdp is for whole models")
-    model = FlowModel(transformer, text, cfg.train_text_encoder, cfg.lora).train()
+    model = FlowModel(transformer, text, cfg.train_text_encoder, cfg.lora, cfg.label_loss).train()
     if sharded:
         shard(model)
     ema = {k: v.detach().clone() for k, v in model.trained_state().items()}
@@ -513,14 +567,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
             text_lr = 0.0 if step < cfg.text_encoder_frozen_steps else lr * cfg.text_encoder_lr
             for group in opt.param_groups:
                 group["lr"] = text_lr if group["text"] else lr
-            loss_sum = 0.0
+            loss_sum, label_sum = 0.0, 0.0
             for micro in range(cfg.grad_accum):
                 gen = step_generator(cfg, step, micro, rank)
-                loss = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False),
-                                 cfg.loss_config(step), gen)
+                loss, label_ce = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False),
+                                           cfg.loss_config(step), gen)
                 loss = loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
+                label_sum += 0.0 if label_ce is None else float(label_ce) / cfg.grad_accum
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -534,6 +589,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
                 if step % cfg.log_every == 0 or step == end:
                     metrics.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                                               "samples_per_s": rate, "size": size,
+                                              **({"label_ce": label_sum} if cfg.label_loss else {}),
                                               "wall_time": time.time() - started}) + "\n")
                     metrics.flush()
             # rank 0's clock and any rank's signal decide for all: saving (and sharded forwards) are collective
@@ -565,7 +621,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         if sharded:  # hand back a whole model (export and evaluation need every weight)
             weights = full_tensors(model.trained_state())
             torch.manual_seed(cfg.seed)
-            model = FlowModel(*build_models(cfg)[:2], cfg.train_text_encoder, cfg.lora).to(device)
+            model = FlowModel(*build_models(cfg)[:2], cfg.train_text_encoder, cfg.lora, cfg.label_loss).to(device)
             model.load_trained_state(weights)
         if main:
             loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
@@ -578,10 +634,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
     return model
 
 
-def flow_loss(net: nn.Module, vae: VAE, batch: tuple[Tensor, list[str]], latent_batch: bool, cfg: TrainConfig,
-              gen: torch.Generator) -> Tensor:
+def flow_loss(net: nn.Module, vae: VAE, batch: tuple, latent_batch: bool, cfg: TrainConfig,
+              gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """(the step's loss, its label cross-entropy when the model has a label head); `batch` is (images or latents,
+    captions) or, for the label loss, (images, captions, label maps)."""
     device = next(net.parameters()).device
-    images, captions = batch
+    images, captions = batch[:2]
     if latent_batch:
         latents = images.to(device)  # from a latent cache: already encoded
     else:  # in bf16 with the rest where that is fast: 2-3x faster encodes on an AVX-512 BF16 CPU, latents within 0.7%
@@ -599,8 +657,16 @@ def flow_loss(net: nn.Module, vae: VAE, batch: tuple[Tensor, list[str]], latent_
                               mode_scale=cfg.mode_scale, shift=shift).to(device)
     x_t, target = flow.flow_pair(pack(latents), pack(noise.to(device)), t)
     with bf16_autocast(device, cfg.bf16):
-        pred = net(x_t, image_ids(b, h // 2, w // 2, device), t, captions)
-    return (pred.float() - target).square().mean()
+        pred, label_logits = net(x_t, image_ids(b, h // 2, w // 2, device), t, captions)
+    loss = (pred.float() - target).square().mean()
+    if label_logits is None:
+        return loss, None
+    if len(batch) < 3:
+        raise ValueError("label_loss needs data with label maps (the shapes world); this data source has none")
+    classes = label_logits.shape[-1] // 4
+    targets = label_targets(batch[2].to(device), classes, (h, w)).unflatten(-1, (classes, 4))
+    label_ce = -(targets * label_logits.unflatten(-1, (classes, 4)).log_softmax(2)).sum(2).mean()
+    return loss + float(cfg.label_loss["weight"]) * label_ce, label_ce.detach()
 
 
 def export_lora(cfg: TrainConfig, model: FlowModel, out_dir: Path) -> list[Path]:

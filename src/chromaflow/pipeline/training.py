@@ -201,8 +201,10 @@ def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session
         *text_line,
         f"- steps: {cfg.total_steps} ({', '.join(_stage_text(s) for s in cfg.stage_list)})",
         f"- flow loss: timesteps {cfg.timesteps}, shift {cfg.timestep_shift}, minibatch OT pairing "
-        f"{'on' if cfg.ot_pairing else 'off'}, caption dropout {cfg.caption_dropout}; AdamW lr {cfg.lr}, "
-        f"EMA {cfg.ema_decay}",
+        f"{'on' if cfg.ot_pairing else 'off'}, caption dropout {cfg.caption_dropout}"
+        + (f", shape-label loss {cfg.label_loss['weight']} x cross-entropy after block {cfg.label_loss['block']}"
+           if cfg.label_loss else "")
+        + f"; AdamW lr {cfg.lr}, EMA {cfg.ema_decay}",
         f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
         f"{hours['stages']:.2f} h, DiT {hours['dit']:.2f} h (all sessions; the last on {hours['device']})",
         f"- generation defaults: {cfg.defaults}", "",
