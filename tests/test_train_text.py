@@ -5,23 +5,25 @@ import json
 import numpy as np
 import torch
 
-from chromaflow.engine.shapes import LABEL_HEADS, LANGUAGES, with_filler
+from chromaflow.engine.shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, with_filler
 from chromaflow.engine.train_text import TextTrainConfig, caption_batch, train_text_encoder
 from chromaflow.models.text import ByteTextEncoder, load_text_encoder
 
 
 def test_caption_batches_are_deterministic_and_mix_languages():
-    texts, labels, languages = caption_batch(0, 7, 40)
+    texts, labels, languages, kinds = caption_batch(0, 7, 40)
     again = caption_batch(0, 7, 40)
-    assert texts == again[0] and torch.equal(labels, again[1])
+    assert texts == again[0] and torch.equal(labels, again[1]) and kinds == again[3]
     assert texts != caption_batch(0, 8, 40)[0]
     assert labels.shape == (40, sum(n for _, _, n in LABEL_HEADS))
-    assert set(languages) == set(LANGUAGES)
+    assert set(languages) == set(LANGUAGES) and set(kinds) == set(KINDS)
+    two_pairs = labels[:, :len(PAIRS)].gt(0).sum(1) == 2  # the count heads name two (colour, shape) pairs ...
+    assert all(two_pairs[i] == (k in ("two", "relation")) for i, k in enumerate(kinds))  # ... for two-object scenes
 
 
 def test_filler_words_are_made_up_and_leave_the_content_words_whole():
-    plain, labels, languages = caption_batch(0, 3, 60)
-    noisy, noisy_labels, _ = caption_batch(0, 3, 60, filler=1.0)
+    plain, labels, *_ = caption_batch(0, 3, 60)
+    noisy, noisy_labels, *_ = caption_batch(0, 3, 60, filler=1.0)
     assert torch.equal(labels[:1], noisy_labels[:1])  # the first caption is drawn before any filler randomness
     assert plain[0] != noisy[0]
     for lang, text in [("en", "a small red circle above a blue star"),
@@ -46,7 +48,7 @@ def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_pat
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]  # well below the start (chance on every head)
     report = json.loads((tmp_path / "report.json").read_text())["held_out"]
-    assert {"all_correct", "count", "relation", *LANGUAGES} <= set(report)
+    assert {"all_correct", "count", "relation", *LANGUAGES} <= set(report) and set(report["by_scene"]) == set(KINDS)
     assert report["background"] > 0.5  # the easiest head: one word
     encoder = load_text_encoder(folder)
     assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2

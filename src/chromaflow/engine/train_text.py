@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..formats.checkpoint import atomic_write
 from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene, with_filler
+from .shapes import KINDS, LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene, with_filler
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -65,11 +65,11 @@ class LabelReadout(nn.Module):
 
 
 def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0
-                  ) -> tuple[list[str], Tensor, list[str]]:
-    """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages); a `filler`
-    share of them with made-up words inserted."""
+                  ) -> tuple[list[str], Tensor, list[str], list[str]]:
+    """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages, scene kinds);
+    a `filler` share of them with made-up words inserted."""
     rng = np.random.default_rng([seed, step])
-    texts, labels, languages = [], [], []
+    texts, labels, languages, kinds = [], [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
         text, language, sized = caption(scene, rng, split=split, with_sized=True)
@@ -78,7 +78,8 @@ def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: fl
         texts.append(text)
         labels.append(caption_labels(scene, sized))
         languages.append(language)
-    return texts, torch.tensor(labels), languages
+        kinds.append(scene.kind)
+    return texts, torch.tensor(labels), languages, kinds
 
 
 def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
@@ -87,8 +88,9 @@ def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int) -> dict:
-    """Share of held-out captions (half from templates training never used) with every label right, by language."""
-    texts, labels, languages = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval")
+    """Share of held-out captions (half from templates training never used) with every label right, by language
+    and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes)."""
+    texts, labels, languages, kinds = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval")
     enc = encoder.encode(texts)
     pred = torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
     right = (pred == labels).all(1)
@@ -100,6 +102,8 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int)
     for lang in LANGUAGES:
         rows = torch.tensor([x == lang for x in languages])
         report[lang] = right[rows].float().mean().item()
+    report["by_scene"] = {kind: right[torch.tensor([k == kind for k in kinds])].float().mean().item()
+                          for kind in KINDS if kind in kinds}
     return report
 
 
@@ -125,7 +129,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     bar = tqdm(range(cfg.steps), desc="text encoder", disable=not progress)
     with atomic_write(out / "metrics.jsonl", "w") as log:
         for step in bar:
-            texts, labels, _ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler)
+            texts, labels, *_ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with bf16_autocast(device):
