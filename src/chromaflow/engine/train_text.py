@@ -99,12 +99,11 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int)
     for name, _, heads in LABEL_HEADS:  # per kind: share of captions with all of that kind's heads right
         report[name] = (pred == labels)[:, start:start + heads].all(1).float().mean().item()
         start += heads
-    for lang in LANGUAGES:
-        rows = torch.tensor([x == lang for x in languages])
-        report[lang] = right[rows].float().mean().item()
-    report["by_scene"] = {kind: right[torch.tensor([k == kind for k in kinds])].float().mean().item()
-                          for kind in KINDS if kind in kinds}
-    return report
+
+    def share_right(tags: list[str], values) -> dict:  # all-correct among the captions tagged with each value
+        return {v: right[torch.tensor([t == v for t in tags])].float().mean().item() for v in values if v in tags}
+
+    return {**report, **share_right(languages, LANGUAGES), "by_scene": share_right(kinds, KINDS)}
 
 
 def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
