@@ -84,10 +84,10 @@ def test_byte_encoder_shapes_and_gradients():
     assert all(p.grad is not None for p in enc.parameters())
 
 
-@pytest.mark.parametrize("pool", [1, 4])
-def test_byte_encoder_padding_invariance(pool):
+@pytest.mark.parametrize("pool, pool_kernel", [(1, 0), (4, 0), (4, 8)])
+def test_byte_encoder_padding_invariance(pool, pool_kernel):
     torch.manual_seed(0)
-    enc = ByteTextEncoder(replace(TINY, pool=pool)).eval()
+    enc = ByteTextEncoder(replace(TINY, pool=pool, pool_kernel=pool_kernel)).eval()
     prompts = ["a red circle", "зелёный", "圆"]
     with torch.no_grad():
         full = enc.encode(prompts, padding="max_length")
@@ -163,6 +163,18 @@ def test_t5_missing_files_named(tmp_path):
     (tmp_path / "enc" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="enc"):
         T5TextEncoder(tmp_path / "enc", tokenizer_path=tmp_path / "elsewhere")
+
+
+def test_byte_encoder_overlapping_pool_sees_neighbouring_bytes():
+    torch.manual_seed(0)
+    enc = ByteTextEncoder(replace(TINY, pool=4, pool_kernel=8))
+    x = torch.randn(1, TINY.width, 16)
+    y = x.clone()
+    y[..., 8] += 1.0  # first byte of group 2: groups 1 and 2 see it (2 bytes of overlap each side), group 0 does not
+    changed = (enc.downsample(x) - enc.downsample(y)).abs().amax(1)[0] > 0
+    assert changed.tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="pool_kernel"):
+        replace(TINY, pool=4, pool_kernel=7)
 
 
 def test_byte_encoder_pooling_merges_bytes_into_fewer_tokens():

@@ -92,10 +92,17 @@ class ByteTextEncoderConfig:
     max_length: int = 128  # bytes incl. EOS
     out_dim: int = 256  # = the DiT's context_in_dim
     pool: int = 1  # bytes merged per output token (a strided conv, as in CANINE): fewer tokens for the DiT
+    # width of that conv; 0 = pool. Wider groups overlap their neighbours, so a word cut by the grid is still seen
+    # whole (held-out all-correct +11 points at 1500 steps, pool 4: width 8 against 4)
+    pool_kernel: int = 0
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        kernel = self.pool_kernel or self.pool
+        if kernel < self.pool or (kernel - self.pool) % 2:
+            raise ValueError(f"pool_kernel {self.pool_kernel} must be >= pool {self.pool} and differ from it by "
+                             f"an even number (the overlap is split evenly on both sides)")
         if self.vocab_size < ByteTokenizer.vocab_size:
             raise ValueError(f"vocab_size must be >= {ByteTokenizer.vocab_size}, got {self.vocab_size}")
 
@@ -129,7 +136,9 @@ class ByteTextEncoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.width)
         self.pos = nn.Parameter(torch.zeros(config.max_length + 2 * config.pool, config.width))
         if config.pool > 1:
-            self.downsample = nn.Conv1d(config.width, config.width, config.pool, stride=config.pool)
+            kernel = config.pool_kernel or config.pool
+            self.downsample = nn.Conv1d(config.width, config.width, kernel, stride=config.pool,
+                                        padding=(kernel - config.pool) // 2)
         self.blocks = nn.ModuleList(_Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, config.out_dim)
