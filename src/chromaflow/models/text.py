@@ -99,12 +99,16 @@ class ByteTextEncoderConfig:
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        kernel = self.pool_kernel or self.pool
-        if kernel < self.pool or (kernel - self.pool) % 2:
+        if self.pool_width < self.pool or (self.pool_width - self.pool) % 2:
             raise ValueError(f"pool_kernel {self.pool_kernel} must be >= pool {self.pool} and differ from it by "
                              f"an even number (the overlap is split evenly on both sides)")
         if self.vocab_size < ByteTokenizer.vocab_size:
             raise ValueError(f"vocab_size must be >= {ByteTokenizer.vocab_size}, got {self.vocab_size}")
+
+    @property
+    def pool_width(self) -> int:
+        """Bytes each pooling window reads (pool_kernel, or pool when that is 0)."""
+        return self.pool_kernel or self.pool
 
 
 class _Block(nn.Module):
@@ -136,9 +140,8 @@ class ByteTextEncoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.width)
         self.pos = nn.Parameter(torch.zeros(config.max_length + 2 * config.pool, config.width))
         if config.pool > 1:
-            kernel = config.pool_kernel or config.pool
-            self.downsample = nn.Conv1d(config.width, config.width, kernel, stride=config.pool,
-                                        padding=(kernel - config.pool) // 2)
+            self.downsample = nn.Conv1d(config.width, config.width, config.pool_width, stride=config.pool,
+                                        padding=(config.pool_width - config.pool) // 2)
         self.blocks = nn.ModuleList(_Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, config.out_dim)
