@@ -176,6 +176,16 @@ def test_a_stage_sets_its_own_flow_loss_settings(vae_dir, tmp_path, monkeypatch)
         TrainConfig(stages=[{"steps": 1, "size": 32, "batch_size": 1, "loss": {"lr": 1.0}}]).stage_list
 
 
+def test_transformer_channels_must_match_the_vae_latent(tmp_path):
+    four = tmp_path / "vae4"
+    VAE(small_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4)).save(four)
+    with pytest.raises(ValueError, match="4 latent channels.*in_channels = out_channels = 16"):
+        build_models(tiny_config(four))
+    cfg = tiny_config(four, steps=1)
+    cfg.model = {"preset": "tiny", "in_channels": 16, "out_channels": 16}
+    assert train(cfg, tmp_path / "run", progress=False).transformer.img_in.in_features == 16
+
+
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="lerning_rate"):
         TrainConfig.from_dict({"lerning_rate": 1})

@@ -1,6 +1,7 @@
 """VAE trainer: learns, writes a loadable normalised VAE, and resumes bit-identically from its checkpoint."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -117,11 +118,28 @@ def test_builtin_recipe_chains_its_stages(tmp_path, monkeypatch):
     first, second = tv.builtin_stages()
     assert second.init is None and first.steps + second.steps == 11000   # the shipped VAE's recipe
     tiny = lambda **kw: VAETrainConfig(**{**TINY, "steps": 4, **kw})  # noqa: E731
-    monkeypatch.setattr(tv, "builtin_stages", lambda: [tiny(), tiny(seed=1)])
+    monkeypatch.setattr(tv, "builtin_stages", lambda **vae: [tiny(), tiny(seed=1)])
     vae = tv.train_builtin_vae(tmp_path, progress=False)
     state = json.loads((tmp_path / "stage2" / "state" / "trainer.json").read_text())
     assert state["config"]["init"] == str(tmp_path / "stage1" / "vae")
     assert VAE.load(tmp_path / "stage2" / "vae").scaling_factor == pytest.approx(vae.scaling_factor)
+
+
+def test_builtin_recipe_with_a_changed_architecture_keeps_the_rest():
+    shipped, four = tv.builtin_stages(), tv.builtin_stages(latent_channels=4)
+    for a, b in zip(shipped, four):
+        assert b.vae_config()["latent_channels"] == 4 and a.vae_config()["latent_channels"] == 16
+        assert {**a.vae, "latent_channels": 4} == b.vae and {**asdict(a), "vae": None} == {**asdict(b), "vae": None}
+
+
+def test_recipe_vae_entry_names_the_builtin_recipe_or_one_stage():
+    from chromaflow.pipeline.training import builtin_vae_overrides
+    assert builtin_vae_overrides("builtin") == {}
+    assert builtin_vae_overrides({"builtin": {"latent_channels": 4}}) == {"latent_channels": 4}
+    assert builtin_vae_overrides({"steps": 4}) is None  # a single-stage VAETrainConfig
+    for bad in ({"builtin": {"latent_chanels": 4}}, {"builtin": {}, "steps": 4}, {"builtin": 4}):
+        with pytest.raises(ValueError, match="latent_channels"):  # the error lists the fields it takes
+            builtin_vae_overrides(bad)
 
 
 def test_crop_size_must_suit_the_vae_downsampling():

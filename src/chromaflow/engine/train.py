@@ -314,6 +314,11 @@ def build_models(cfg: TrainConfig) -> tuple[MMDiT, nn.Module, VAE]:
     if not vae_path:
         raise ValueError("the training config needs `vae`: a VAE folder (train one with the `vae` stage first)")
     vae = VAE.load(vae_path).eval().requires_grad_(False)
+    packed = 4 * vae.latent_channels  # the transformer reads 2x2 patches of latents
+    if (transformer.params.in_channels, transformer.params.out_channels) != (packed, packed):
+        raise ValueError(f"the VAE {vae_path} has {vae.latent_channels} latent channels, so the transformer needs "
+                         f"in_channels = out_channels = {packed} (set them in the config's `model`); it has "
+                         f"{transformer.params.in_channels} / {transformer.params.out_channels}")
     return transformer, text, vae
 
 

@@ -310,18 +310,20 @@ def finalize(vae: VAE, cfg: VAETrainConfig, out_dir: Path, train_seconds: float 
 
 # --- the built-in model's VAE ---------------------------------------------------------------------------------
 
-def builtin_stages() -> list[VAETrainConfig]:
+def builtin_stages(**vae) -> list[VAETrainConfig]:
     """The recipe of the shipped VAE (~25 min on 2 CPU cores): 7000 steps from scratch on the world's own
     background mix, then 4000 steps on fresh scenes (seed 1) with every background equally often, which taught
-    it white from the default off-white. Stage 2's `init` is stage 1's output folder."""
-    return [VAETrainConfig(uniform_backgrounds=False),
-            VAETrainConfig(seed=1, steps=4000, lr=5e-4, warmup=100, uniform_backgrounds=True)]
+    it white from the default off-white. Stage 2's `init` is stage 1's output folder. `vae` overrides fields of
+    the architecture in both stages (latent_channels=4: a latent a small DiT models more easily)."""
+    arch = {**VAETrainConfig().vae, **vae}
+    return [VAETrainConfig(vae=arch, uniform_backgrounds=False),
+            VAETrainConfig(vae=arch, seed=1, steps=4000, lr=5e-4, warmup=100, uniform_backgrounds=True)]
 
 
-def train_builtin_vae(out_dir: str | Path, progress: bool = True) -> VAE:
+def train_builtin_vae(out_dir: str | Path, progress: bool = True, **vae) -> VAE:
     """Run both stages into out_dir/stage1 and out_dir/stage2 (each resumable); the VAE is out_dir/stage2/vae."""
     out_dir = Path(out_dir)
-    first, second = builtin_stages()
+    first, second = builtin_stages(**vae)
     train_vae(first, out_dir / "stage1", progress)
     second.init = str(out_dir / "stage1" / "vae")
     return train_vae(second, out_dir / "stage2", progress)

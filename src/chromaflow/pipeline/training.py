@@ -6,6 +6,7 @@ The engine trains; this layer adds what needs a Pipeline: sample grids during tr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 
 from ..engine import evaluate as bench
 from ..engine.train import FlowModel, TrainConfig, base_model_files, latest_checkpoint, train, transformer_params
-from ..models.vae import VAE
+from ..models.vae import VAE, small_vae_config
 from .loading import save_folder
 from .pipeline import Defaults, Pipeline
 
@@ -30,7 +31,7 @@ SAMPLE_LABELS = SAMPLE_PROMPTS[:3] + ["ru: three orange circles", "zh: a purple 
 # VAE stage settings (engine.train_vae.VAETrainConfig fields) and the DiT stage (TrainConfig fields)
 PRESETS: dict[str, dict] = {
     "default": {
-        "vae": "builtin",  # engine.train_vae.train_builtin_vae: two stages, ~25 min
+        "vae": "builtin",  # train_vae.train_builtin_vae: two stages, ~25 min ({"builtin": {...}} edits its layers)
         "text": {"encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},  # train_text
                  "steps": 3000, "batch_size": 64, "lr": 2e-3},
         "train": {
@@ -114,6 +115,22 @@ def evaluate_pipeline(pipe: Pipeline, n_per_category: int = 50, seed: int = 0, b
     return report
 
 
+def builtin_vae_overrides(vae_spec) -> dict | None:
+    """A recipe's `vae` entry -> the architecture overrides of the shipped two-stage VAE recipe, or None for a
+    single-stage VAETrainConfig dict. "builtin" is the shipped recipe; {"builtin": {"latent_channels": 4}} the
+    same with small_vae_config fields changed."""
+    if vae_spec == "builtin":
+        return {}
+    if not (isinstance(vae_spec, dict) and "builtin" in vae_spec):
+        return None
+    allowed = set(inspect.signature(small_vae_config).parameters) - {"scaling_factor", "shift_factor"}
+    overrides = vae_spec["builtin"]
+    if len(vae_spec) > 1 or not isinstance(overrides, dict) or set(overrides) - allowed:
+        raise ValueError(f"recipe `vae`: {{\"builtin\": {{...}}}} takes only VAE architecture fields "
+                         f"({', '.join(sorted(allowed))}), got {vae_spec!r}")
+    return overrides
+
+
 def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
         stop_after: int | None = None, time_limit: float | None = None) -> Path | None:
     """Train every stage of a recipe into out_dir; returns the exported model folder once training completes (for a
@@ -130,10 +147,11 @@ def run(preset_or_path: str, out_dir: str | Path | None = None, resume: bool = T
         if "vae" not in spec:
             raise ValueError("the config names no `vae` folder and has no `vae` training stage")
         from ..engine.train_vae import VAETrainConfig, train_builtin_vae, train_vae
-        if spec["vae"] == "builtin":  # the shipped VAE's two-stage recipe
+        builtin = builtin_vae_overrides(spec["vae"])
+        if builtin is not None:  # the shipped VAE's two-stage recipe
             cfg.vae = str(out / "vae_train" / "stage2" / "vae")
             if not Path(cfg.vae, "config.json").is_file():
-                train_builtin_vae(out / "vae_train", progress=progress)
+                train_builtin_vae(out / "vae_train", progress=progress, **builtin)
         else:
             cfg.vae = str(out / "vae_train" / "vae")
             if not Path(cfg.vae, "config.json").is_file():
