@@ -314,7 +314,7 @@ def builtin_stages(**vae) -> list[VAETrainConfig]:
     """The recipe of the shipped VAE (~25 min on 2 CPU cores): 7000 steps from scratch on the world's own
     background mix, then 4000 steps on fresh scenes (seed 1) with every background equally often, which taught
     it white from the default off-white. Stage 2's `init` is stage 1's output folder. `vae` overrides fields of
-    the architecture in both stages (latent_channels=4: a latent a small DiT models more easily)."""
+    the architecture in both stages (e.g. latent_channels=4)."""
     arch = {**VAETrainConfig().vae, **vae}
     return [VAETrainConfig(vae=arch, uniform_backgrounds=False),
             VAETrainConfig(vae=arch, seed=1, steps=4000, lr=5e-4, warmup=100, uniform_backgrounds=True)]
