@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from chromaflow.engine.shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, with_filler
-from chromaflow.engine.train_text import TextTrainConfig, caption_batch, train_text_encoder
+from chromaflow.engine.train_text import (PairTokenReadout, TextTrainConfig, caption_batch, named_pairs,
+                                          train_text_encoder)
 from chromaflow.models.text import ByteTextEncoder, load_text_encoder
 
 
@@ -41,14 +42,28 @@ def test_filler_words_are_made_up_and_leave_the_content_words_whole():
                 assert [w for w in out.split() if w in text.split()] == text.split()
 
 
+def test_a_pair_scores_its_best_visible_token():
+    readout = PairTokenReadout(4)
+    embeds = torch.randn(2, 5, 4)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    per_token = readout.linear(embeds)
+    scores = readout(embeds, mask)
+    assert torch.allclose(scores[0], per_token[0, :3].amax(0)) and torch.allclose(scores[1], per_token[1].amax(0))
+    embeds[0, 3:] = 1e4  # padding can say anything: it never lights a pair
+    assert torch.equal(readout(embeds, mask)[0], scores[0])
+    _, labels, _, kinds = caption_batch(0, 1, 30)
+    assert [int(n) for n in named_pairs(labels).sum(1)] == [2 if k in ("two", "relation") else 1 for k in kinds]
+
+
 def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_path):
     cfg = TextTrainConfig(encoder={"width": 32, "depth": 1, "heads": 2, "max_length": 96, "pool": 2}, steps=120,
-                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30)
+                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30, pair_tokens=0.5)
     folder = train_text_encoder(cfg, tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]  # well below the start (chance on every head)
     report = json.loads((tmp_path / "report.json").read_text())["held_out"]
     assert {"all_correct", "count", "relation", *LANGUAGES} <= set(report) and set(report["by_scene"]) == set(KINDS)
     assert report["background"] > 0.5  # the easiest head: one word
+    assert set(report["pair_tokens_by_scene"]) == set(KINDS)
     encoder = load_text_encoder(folder)
     assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2

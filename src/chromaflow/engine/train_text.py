@@ -5,6 +5,10 @@ scale. Each caption's content (count and named size of every colour-shape pair, 
 `shapes.caption_labels`) is a set of class labels that no language, template or word order changes. The encoder's
 tokens, averaged over the caption, must predict them through one linear layer, so the tokens the DiT attends to
 carry the content linearly, with colours bound to their shapes, and say the same thing in en / zh / ru.
+The average cannot bind on its own ("a red square and a blue circle" averages like "a red circle and a blue
+square"), so `pair_tokens` > 0 adds a per-token readout: every token scores every colour-shape pair, a pair's
+score is the best token's, and it must say which pairs the caption names. Then some single token has to hold
+each conjunction, which is what the DiT's attention can read.
 (Trained only through the diffusion loss, the encoder collapsed to a caption-independent output, or stayed too
 weak for the DiT to tell "a red circle" from "a blue square".)
 
@@ -29,7 +33,7 @@ from tqdm.auto import tqdm
 from ..formats.checkpoint import atomic_write
 from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import KINDS, LABEL_HEADS, LANGUAGES, caption, caption_labels, sample_scene, with_filler
+from .shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, caption, caption_labels, sample_scene, with_filler
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -40,6 +44,7 @@ class TextTrainConfig:
     steps: int = 2000
     batch_size: int = 128
     filler: float = 0.0  # share of training captions with 1-3 made-up words inserted (shapes.with_filler)
+    pair_tokens: float = 0.0  # weight of the per-token pair readout's loss (PairTokenReadout); 0 = off
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -62,6 +67,22 @@ class LabelReadout(nn.Module):
         m = mask[..., None].to(embeds.dtype)
         pooled = (embeds * m).sum(1) / m.sum(1).clamp(min=1)
         return list(self.linear(pooled).split(self.sizes, dim=-1))
+
+
+class PairTokenReadout(nn.Module):
+    """Per token, one logit per (colour, shape) pair; a caption's logit for a pair is its best visible token's."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, len(PAIRS))
+
+    def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        return self.linear(embeds).masked_fill(~mask[..., None], float("-inf")).amax(1)  # (B, pairs)
+
+
+def named_pairs(labels: Tensor) -> Tensor:
+    """(B, heads) caption labels -> (B, pairs) bool: which (colour, shape) pairs the caption names."""
+    return labels[:, :len(PAIRS)] > 0
 
 
 def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0
@@ -87,9 +108,11 @@ def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int) -> dict:
+def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
+             pair_readout: PairTokenReadout | None = None) -> dict:
     """Share of held-out captions (half from templates training never used) with every label right, by language
-    and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes)."""
+    and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes); with
+    `pair_readout`, `pair_tokens_by_scene`: share whose named pairs its tokens get exactly right."""
     texts, labels, languages, kinds = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval")
     enc = encoder.encode(texts)
     pred = torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
@@ -100,10 +123,14 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int)
         report[name] = (pred == labels)[:, start:start + heads].all(1).float().mean().item()
         start += heads
 
-    def share_right(tags: list[str], values) -> dict:  # all-correct among the captions tagged with each value
-        return {v: right[torch.tensor([t == v for t in tags])].float().mean().item() for v in values if v in tags}
+    def share_right(ok: Tensor, tags: list[str], values) -> dict:  # share of `ok` among captions tagged with each
+        return {v: ok[torch.tensor([t == v for t in tags])].float().mean().item() for v in values if v in tags}
 
-    return {**report, **share_right(languages, LANGUAGES), "by_scene": share_right(kinds, KINDS)}
+    report = {**report, **share_right(right, languages, LANGUAGES), "by_scene": share_right(right, kinds, KINDS)}
+    if pair_readout is not None:
+        pairs_right = ((pair_readout(enc.embeds, enc.mask) > 0).cpu() == named_pairs(labels)).all(1)
+        report["pair_tokens_by_scene"] = share_right(pairs_right, kinds, KINDS)
+    return report
 
 
 def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool = True) -> Path:
@@ -114,7 +141,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     torch.manual_seed(cfg.seed)
     encoder = ByteTextEncoder(ByteTextEncoderConfig(**cfg.encoder)).to(device).train()
     readout = LabelReadout(encoder.out_dim).to(device)
-    params = list(encoder.parameters()) + list(readout.parameters())
+    pair_readout = PairTokenReadout(encoder.out_dim).to(device) if cfg.pair_tokens else None
+    params = [p for m in (encoder, readout, pair_readout) if m is not None for p in m.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
@@ -134,6 +162,9 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
             with bf16_autocast(device):
                 enc = encoder.encode(texts)
                 loss = label_loss(readout(enc.embeds, enc.mask), labels.to(device))
+                if pair_readout is not None:
+                    loss = loss + cfg.pair_tokens * F.binary_cross_entropy_with_logits(
+                        pair_readout(enc.embeds, enc.mask).float(), named_pairs(labels).float().to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -142,7 +173,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 log.write(json.dumps({"step": step, "loss": loss.item(), "elapsed_s": time.time() - started}) + "\n")
     encoder.eval()
-    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed),
+    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed, pair_readout),
               "elapsed_s": time.time() - started}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     encoder.cpu().save(out / "text_encoder")
