@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from chromaflow.engine.shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, with_filler
@@ -67,3 +68,9 @@ def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_pat
     assert set(report["pair_tokens_by_scene"]) == set(KINDS)
     encoder = load_text_encoder(folder)
     assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2
+
+
+@pytest.mark.parametrize("field, value", [("filler", 1.5), ("pair_tokens", -0.1)])
+def test_bad_text_stage_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        TextTrainConfig(**{field: value})

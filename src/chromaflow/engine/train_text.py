@@ -54,6 +54,12 @@ class TextTrainConfig:
     log_every: int = 50
     device: str = ""  # "" = cuda when available, else cpu
 
+    def __post_init__(self):
+        if not 0.0 <= self.filler <= 1.0:
+            raise ValueError(f"text stage `filler` is a share of captions, 0..1; got {self.filler}")
+        if self.pair_tokens < 0:
+            raise ValueError(f"text stage `pair_tokens` is a loss weight, >= 0 (0 = off); got {self.pair_tokens}")
+
 
 class LabelReadout(nn.Module):
     """Mean of the visible tokens -> one linear layer -> logits for every head of LABEL_HEADS."""
