@@ -1,6 +1,8 @@
 """VAE trainer: learns, writes a loadable normalised VAE, and resumes bit-identically from its checkpoint."""
 
 import json
+import os
+import signal
 from dataclasses import asdict
 
 import pytest
@@ -105,6 +107,26 @@ def test_resume_after_crash_is_bit_identical(run, tmp_path, monkeypatch):
     assert strip(_metrics(tmp_path)) == strip(_metrics(out))
     with pytest.raises(ValueError, match="lr"):   # a changed recipe cannot silently continue an old run
         train_vae(VAETrainConfig(**{**TINY, "lr": 1e-3}), tmp_path, progress=False)
+
+
+def test_a_signal_saves_the_step_it_interrupts_and_the_run_resumes_bit_identically(run, tmp_path, monkeypatch):
+    out, uninterrupted = run
+    real_batch = tv.make_batch
+
+    def ctrl_c_at_13(cfg, step, data):
+        if step == 13:  # arrives mid-step, between checkpoints (every 10 steps)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(cfg, step, data)
+
+    monkeypatch.setattr(tv, "make_batch", ctrl_c_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(VAETrainConfig(**TINY), tmp_path, progress=False)
+    assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 14  # nothing lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C is back
+    monkeypatch.setattr(tv, "make_batch", real_batch)
+    resumed = train_vae(VAETrainConfig(**TINY), tmp_path, progress=False)
+    a, b = _weights(uninterrupted), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_init_starts_from_a_vae_folder(run, tmp_path):

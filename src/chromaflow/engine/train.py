@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import BUILTIN_DIR
-from ..formats.checkpoint import atomic_write, open_checkpoint, save_checkpoint
+from ..formats.checkpoint import atomic_write, open_checkpoint, save_checkpoint, stop_on_signals
 from .distributed import STRATEGIES, agree, full_tensors, like, shard
 from ..models.lora import DEFAULT_TARGETS, add_lora
 from ..models.precision import bf16_autocast
@@ -552,75 +551,73 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     data = data if data is not None else make_data(cfg, vae)
 
-    stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics = open(out_dir / "metrics.jsonl", "a") if main else None
-    end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
-    # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
-    plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)))
-            for s in range(step, end) for micro in range(cfg.grad_accum)]
-    workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
-    batches = batch_stream(data, plan, workers)
-    bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
-    last_ckpt_time, started = time.time(), time.time() - wall
-    deadline = None if time_limit is None else time.time() + time_limit
-    samples_done, rate_start = 0, time.time()
-    try:
-        while step < end:
-            size, batch_size = cfg.shape_at(step)
-            lr = lr_at(cfg, step)
-            text_lr = 0.0 if step < cfg.text_encoder_frozen_steps else lr * cfg.text_encoder_lr
-            for group in opt.param_groups:
-                group["lr"] = text_lr if group["text"] else lr
-            loss_sum, label_sum = 0.0, 0.0
-            for micro in range(cfg.grad_accum):
-                gen = step_generator(cfg, step, micro, rank)
-                loss, label_ce = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False),
-                                           cfg.loss_config(step), gen)
-                loss = loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-                label_sum += 0.0 if label_ce is None else float(label_ce) / cfg.grad_accum
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, cfg.ema_decay if step >= cfg.warmup_steps else 0.0)
-            step += 1
-            samples_done += batch_size * cfg.grad_accum * world
+    # workers forked below inherit the handlers; a signal ends the run at a step boundary, checkpoint saved
+    with stop_on_signals() as stop:
+        metrics = open(out_dir / "metrics.jsonl", "a") if main else None
+        end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
+        # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
+        plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)))
+                for s in range(step, end) for micro in range(cfg.grad_accum)]
+        workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
+        batches = batch_stream(data, plan, workers)
+        bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
+        last_ckpt_time, started = time.time(), time.time() - wall
+        deadline = None if time_limit is None else time.time() + time_limit
+        samples_done, rate_start = 0, time.time()
+        try:
+            while step < end:
+                size, batch_size = cfg.shape_at(step)
+                lr = lr_at(cfg, step)
+                text_lr = 0.0 if step < cfg.text_encoder_frozen_steps else lr * cfg.text_encoder_lr
+                for group in opt.param_groups:
+                    group["lr"] = text_lr if group["text"] else lr
+                loss_sum, label_sum = 0.0, 0.0
+                for micro in range(cfg.grad_accum):
+                    gen = step_generator(cfg, step, micro, rank)
+                    loss, label_ce = flow_loss(net, vae, next(batches), getattr(data, "returns_latents", False),
+                                               cfg.loss_config(step), gen)
+                    loss = loss / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    label_sum += 0.0 if label_ce is None else float(label_ce) / cfg.grad_accum
+                grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                update_ema(ema, model, cfg.ema_decay if step >= cfg.warmup_steps else 0.0)
+                step += 1
+                samples_done += batch_size * cfg.grad_accum * world
+                if main:
+                    rate = samples_done / max(1e-9, time.time() - rate_start)
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", sps=f"{rate:.1f}", size=size)
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == end:
+                        metrics.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                                                  "samples_per_s": rate, "size": size,
+                                                  **({"label_ce": label_sum} if cfg.label_loss else {}),
+                                                  "wall_time": time.time() - started}) + "\n")
+                        metrics.flush()
+                # rank 0's clock and any rank's signal decide for all: saving (and sharded forwards) are collective
+                due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
+                out_of_time = deadline is not None and time.time() >= deadline
+                due, stopping = agree(main and due, stop["signal"] is not None or out_of_time)
+                if due or step == end or stopping:
+                    save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
+                               cfg.keep_checkpoints, write=main)
+                    last_ckpt_time = time.time()
+                if preview and cfg.sample_every and step % cfg.sample_every == 0 and (main or sharded):
+                    with ema_weights(model, ema):
+                        preview(model, vae, out_dir / f"samples-{step:08d}.png" if main else None)
+                if stopping:
+                    raise StopRequested
+        except StopRequested:
             if main:
-                rate = samples_done / max(1e-9, time.time() - rate_start)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", sps=f"{rate:.1f}", size=size)
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == end:
-                    metrics.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                                              "samples_per_s": rate, "size": size,
-                                              **({"label_ce": label_sum} if cfg.label_loss else {}),
-                                              "wall_time": time.time() - started}) + "\n")
-                    metrics.flush()
-            # rank 0's clock and any rank's signal decide for all: saving (and sharded forwards) are collective
-            due = step % cfg.checkpoint_every == 0 or time.time() - last_ckpt_time > 60 * cfg.checkpoint_minutes
-            out_of_time = deadline is not None and time.time() >= deadline
-            due, stopping = agree(main and due, stop["signal"] is not None or out_of_time)
-            if due or step == end or stopping:
-                save_state(out_dir, step, model, ema, opt, {"wall_time": time.time() - started},
-                           cfg.keep_checkpoints, write=main)
-                last_ckpt_time = time.time()
-            if preview and cfg.sample_every and step % cfg.sample_every == 0 and (main or sharded):
-                with ema_weights(model, ema):
-                    preview(model, vae, out_dir / f"samples-{step:08d}.png" if main else None)
-            if stopping:
-                raise StopRequested
-    except StopRequested:
-        if main:
-            why = f"signal {stop['signal']}" if stop["signal"] else "the time limit" if out_of_time else \
-                "a signal on another rank"
-            bar.write(f"stopped by {why} at step {step}; checkpoint saved in {out_dir}")
-    finally:
-        bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if metrics:
-            metrics.close()
+                why = f"signal {stop['signal']}" if stop["signal"] else "the time limit" if out_of_time else \
+                    "a signal on another rank"
+                bar.write(f"stopped by {why} at step {step}; checkpoint saved in {out_dir}")
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
     if step >= cfg.total_steps:
         model.load_trained_state(ema)
         if sharded:  # hand back a whole model (export and evaluation need every weight)

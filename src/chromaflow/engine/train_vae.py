@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..formats.checkpoint import atomic_write, save_checkpoint
+from ..formats.checkpoint import atomic_write, save_checkpoint, stop_on_signals
 from ..models.precision import bf16_autocast
 from ..models.vae import VAE, downsample_factor, small_vae_config
 from .shapes import BACKGROUNDS, ShapesDataset, render, to_tensor
@@ -249,36 +250,43 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="vae", dynamic_ncols=True)
     start, images_seen = time.perf_counter(), 0
-    while step < cfg.steps:
-        vae.train()
-        images = make_batch(cfg, step, data).contiguous(memory_format=torch.channels_last)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        losses = vae_loss(vae, images, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_000 + step))
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        images_seen += len(images)
-        ips = images_seen / (time.perf_counter() - start)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss'].item():.4f}", img_s=f"{ips:.1f}")
+    with stop_on_signals() as stop:
+        while step < cfg.steps:
+            vae.train()
+            images = make_batch(cfg, step, data).contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            losses = vae_loss(vae, images, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_000 + step))
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            images_seen += len(images)
+            ips = images_seen / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", img_s=f"{ips:.1f}")
 
-        record = None
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, **{k: round(v.item(), 6) for k, v in losses.items()},
-                      "grad_norm": round(grad_norm.item(), 4), "lr": lr_at(cfg, step - 1),
-                      "images_per_s": round(ips, 2), "elapsed_s": round(elapsed + time.perf_counter() - start, 1)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            vae.eval()
-            score = psnr(reconstruct(vae, eval_batch), eval_batch)
-            record = (record or {"step": step}) | {"eval_psnr": round(score, 3)}
-            bar.write(f"step {step}: eval PSNR {record['eval_psnr']:.2f} dB at {eval_size} px")
-        if record:
-            _append_jsonl(metrics, record)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
+            record = None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, **{k: round(v.item(), 6) for k, v in losses.items()},
+                          "grad_norm": round(grad_norm.item(), 4), "lr": lr_at(cfg, step - 1),
+                          "images_per_s": round(ips, 2), "elapsed_s": round(elapsed + time.perf_counter() - start, 1)}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                vae.eval()
+                score = psnr(reconstruct(vae, eval_batch), eval_batch)
+                record = (record or {"step": step}) | {"eval_psnr": round(score, 3)}
+                bar.write(f"step {step}: eval PSNR {record['eval_psnr']:.2f} dB at {eval_size} px")
+            if record:
+                _append_jsonl(metrics, record)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
+            if stop["signal"] is not None:  # Ctrl-C / SIGTERM: finish the step, save, stop
+                save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
+                bar.close()
+                print(f"vae: stopped by signal {stop['signal']} at step {step}; state saved in {state_dir}; "
+                      "the same command resumes", file=sys.stderr)
+                raise KeyboardInterrupt
     bar.close()
     return finalize(vae, cfg, out_dir, elapsed + time.perf_counter() - start)
 

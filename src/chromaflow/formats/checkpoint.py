@@ -8,10 +8,12 @@ objects answer the same questions, with logical shapes, `get` returning expanded
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
+import signal
 import struct
 import sys
 import tempfile
@@ -335,6 +337,20 @@ class atomic_write:
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While open, SIGINT / SIGTERM only record their number in the yielded dict's "signal", so a training loop
+    can finish its step, save a checkpoint and stop, instead of dying mid-write. The old handlers come back after."""
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _fsync_dir(folder: Path) -> None:
