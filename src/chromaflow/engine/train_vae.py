@@ -279,10 +279,10 @@ def train_vae(cfg: VAETrainConfig, out_dir: str | Path, progress: bool = True, r
                 bar.write(f"step {step}: eval PSNR {record['eval_psnr']:.2f} dB at {eval_size} px")
             if record:
                 _append_jsonl(metrics, record)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            stopping = stop["signal"] is not None  # Ctrl-C / SIGTERM: finish the step, save, stop
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
-            if stop["signal"] is not None:  # Ctrl-C / SIGTERM: finish the step, save, stop
-                save_state(state_dir, step, vae, opt, cfg, elapsed + time.perf_counter() - start)
+            if stopping:
                 bar.close()
                 print(f"vae: stopped by signal {stop['signal']} at step {step}; state saved in {state_dir}; "
                       "the same command resumes", file=sys.stderr)
