@@ -79,11 +79,11 @@ def test_rope_scaling_interpolates_or_stretches_the_slow_frequencies():
     torch.testing.assert_close(position_embedding(far, axes, 10_000, RopeScaling("interpolate", s)), native)
     ntk = position_embedding(far, axes, 10_000, RopeScaling("ntk", s))
     plain_far = position_embedding(far, axes, 10_000)
-    first = (4 // 2, 4 // 2 + 14 // 2)  # frequency index where each spatial axis starts
+    first = (4, 4 + 14)  # channel where each spatial axis starts (two channels per frequency)
     for start in first:
-        torch.testing.assert_close(ntk[..., start, :, :], plain_far[..., start, :, :])  # fastest: unchanged
-        slowest = start + 14 // 2 - 1
-        torch.testing.assert_close(ntk[..., slowest, :, :], native[..., slowest, :, :], atol=1e-5, rtol=0)
+        fastest, slowest = slice(start, start + 2), slice(start + 12, start + 14)
+        torch.testing.assert_close(ntk[..., fastest], plain_far[..., fastest])  # unchanged
+        torch.testing.assert_close(ntk[..., slowest], native[..., slowest], atol=1e-5, rtol=0)
     torch.testing.assert_close(position_embedding(p, axes, 10_000, RopeScaling("ntk", 1.0)), native)
     with pytest.raises(ValueError, match="valid: interpolate, ntk"):
         RopeScaling("yarn", 2.0)

@@ -7,7 +7,8 @@ import torch
 
 from chromaflow.cli import main
 from chromaflow.formats.layouts import original_to_diffusers
-from chromaflow.models.transformer import build, count_parameters, image_ids, timestep_embedding
+from chromaflow.models.transformer import (apply_rope, build, count_parameters, image_ids, position_embedding,
+                                           timestep_embedding)
 
 
 @pytest.mark.parametrize("name, params, tensors", [("chroma", 8_899_983_424, 643),
@@ -136,3 +137,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(img, ids, txt, txt_ids, t, txt_mask=mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_each_channel_pair_by_its_position_angle_with_exact_gradients(dtype):
+    """apply_rope against the rotation written out per pair as a complex product, values and gradients."""
+    torch.manual_seed(0)
+    axes, theta = (4, 6, 6), 10_000
+    ids = torch.cat([torch.zeros(2, 3, 3), image_ids(2, 3, 4)], 1)
+    x = torch.randn(2, 3, ids.shape[1], sum(axes)).to(dtype).requires_grad_()
+    angles = []
+    for axis, dim in enumerate(axes):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(ids[..., axis].double()[..., None] * omega)
+    turn = torch.polar(torch.ones(1, dtype=torch.float64), torch.cat(angles, -1))[:, None]  # (B, 1, L, D/2)
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.view_as_real(torch.view_as_complex(x64.unflatten(-1, (-1, 2)).contiguous()) * turn).flatten(-2)
+    got = apply_rope(x, position_embedding(ids, axes, theta))
+    assert got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # bf16: 8-bit mantissa
+    torch.testing.assert_close(got.double(), expected.to(dtype).double(), **tol)
+    weights = torch.randn(got.shape, dtype=torch.float64)
+    (got.double() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad.to(dtype).double(), **tol)

@@ -113,11 +113,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, time_fac
 
 
 def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
-    """Rotation matrices for one id axis: (B, L) -> (B, L, dim/2, 2, 2), computed in float64 like the reference."""
+    """One id axis: (B, L) -> (2, B, L, dim), per channel the cosine and the signed sine of its pair's angle (see
+    `apply_rope`); pair j turns by pos * theta^(-2j/dim). Computed in float64 like the reference."""
     omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
-    angle = pos.double()[..., None] * omega
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+    angle = (pos.double()[..., None] * omega).repeat_interleave(2, -1)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=pos.device).repeat(dim // 2)
+    return torch.stack([torch.cos(angle), torch.sin(angle) * sign]).float()
 
 
 ROPE_SCALINGS = ("interpolate", "ntk")
@@ -144,7 +145,8 @@ class RopeScaling:
 
 def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int,
                        scaling: RopeScaling | None = None) -> Tensor:
-    """ids (B, L, n_axes) -> (B, 1, L, head_dim/2, 2, 2); the per-axis tables are concatenated on frequencies."""
+    """ids (B, L, n_axes) -> (2, B, 1, L, head_dim): cosines and signed sines per channel (see `rope`), the per-axis
+    tables concatenated on channels."""
     tables = []
     for axis, dim in enumerate(axes_dim):
         pos, base = ids[..., axis], theta
@@ -154,14 +156,35 @@ def position_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int,
             else:
                 base = theta * scaling.factor ** (dim / (dim - 2))
         tables.append(rope(pos, dim, base))
-    return torch.cat(tables, dim=-3).unsqueeze(1)
+    return torch.cat(tables, dim=-1).unsqueeze(2)
+
+
+class _SwapPairs(torch.autograd.Function):
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) on the last dim of a contiguous float32 tensor, exactly: each
+    pair is read as one 64-bit word whose halves are rotated. Compiled, that is a vector shuffle where a flip
+    compiles to a gather: RoPE runs ~3.5x faster (eager, the flip is as fast). Its own gradient: a permutation
+    that is its own inverse."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        word = x.view(torch.int64)
+        return ((word << 32) | ((word >> 32) & 0xFFFFFFFF)).view(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _SwapPairs.apply(grad.contiguous())
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of q or k (B, H, L, D) in float32."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))  # (B, H, L, D/2, 1, 2)
-    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-    return out.reshape(x.shape).type_as(x)
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of q or k (B, H, L, D) in float32:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), i.e. x * cos + swapped pairs * signed sin."""
+    xf = x.to(torch.float32, memory_format=torch.contiguous_format)
+    swapped = _SwapPairs.apply(xf) if torch.compiler.is_compiling() else xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(xf * pe[0], swapped, pe[1]).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | None,
