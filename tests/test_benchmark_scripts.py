@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SMOKE = {
     "transformer_curves.py": ["--quick", "--json"],
+    "mfu_breakdown.py": ["--quick", "--json"],
     "samplers.py": ["--n", "1", "--steps", "2", "--samplers", "euler", "dpmpp_2m"],
     "hires.py": ["--smoke"],
     "formats.py": ["--quick"],
@@ -30,7 +31,7 @@ def first_json_object(text: str) -> dict:
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_benchmark_smoke_run_prints_a_report(script, tmp_path):
     out = tmp_path / "report.json"
-    args = SMOKE[script] + ([] if script == "transformer_curves.py" else ["--out", str(out)])
+    args = SMOKE[script] + ([] if script in ("transformer_curves.py", "mfu_breakdown.py") else ["--out", str(out)])
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -38,6 +39,10 @@ def test_benchmark_smoke_run_prints_a_report(script, tmp_path):
     assert report
     if script == "caching.py":  # every cached cell counted its calls, and a full pass never exceeds a call
         assert all(0 < c["full_passes"] <= c["calls"] for c in report["cells"][1:])
+    if script == "mfu_breakdown.py":  # the three parts are the profiled total; the ceiling drops the third
+        run = report["runs"][0]
+        assert sum(run["ms"].values()) == pytest.approx(run["ms_profiled_total"])
+        assert run["ms"]["linear"] > 0 and run["ms"]["attention"] > 0 and run["ceiling_mfu"] > run["mfu"] > 0
     if out.exists():
         assert json.loads(out.read_text()) == report
 
