@@ -7,7 +7,7 @@ import torch
 
 from chromaflow.cli import main
 from chromaflow.formats.layouts import original_to_diffusers
-from chromaflow.models.transformer import (apply_rope, build, count_parameters, image_ids, position_embedding,
+from chromaflow.models.transformer import (_SwapPairs, apply_rope, build, count_parameters, image_ids, position_embedding,
                                            timestep_embedding)
 
 
@@ -161,3 +161,14 @@ def test_rope_rotates_each_channel_pair_by_its_position_angle_with_exact_gradien
     (got.double() * weights).sum().backward()
     (expected * weights).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad.to(dtype).double(), **tol)
+
+
+def test_the_compiled_rope_swap_is_a_flip_of_each_pair_with_the_flip_as_its_gradient():
+    """_SwapPairs (64-bit word rotation, taken under torch.compile) against flipping each (x[2j], x[2j+1])."""
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    flipped = x.detach().unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    swapped = _SwapPairs.apply(x)
+    assert torch.equal(swapped, flipped)
+    weights = torch.randn(x.shape)
+    (swapped * weights).sum().backward()
+    assert torch.equal(x.grad, weights.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
