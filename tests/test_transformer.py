@@ -7,8 +7,8 @@ import torch
 
 from chromaflow.cli import main
 from chromaflow.formats.layouts import original_to_diffusers
-from chromaflow.models.transformer import (_SwapPairs, apply_rope, build, count_parameters, image_ids, position_embedding,
-                                           timestep_embedding)
+from chromaflow.models.transformer import (_SwapPairs, apply_rope, build, count_parameters, image_ids,
+                                           position_embedding, timestep_embedding)
 
 
 @pytest.mark.parametrize("name, params, tensors", [("chroma", 8_899_983_424, 643),
