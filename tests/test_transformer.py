@@ -172,3 +172,28 @@ def test_the_compiled_rope_swap_is_a_flip_of_each_pair_with_the_flip_as_its_grad
     weights = torch.randn(x.shape)
     (swapped * weights).sum().backward()
     assert torch.equal(x.grad, weights.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
+
+
+def test_short_training_attention_uses_the_math_backend_with_the_flash_kernels_values_and_gradients(monkeypatch):
+    """At <= SHORT_TRAINING_KEYS keys with gradients, attention switches SDPA backend; the result must not change."""
+    import chromaflow.models.transformer as transformer
+    torch.manual_seed(0)
+    ids = torch.cat([torch.zeros(2, 4, 3), image_ids(2, 4, 4)], 1)
+    assert ids.shape[1] <= transformer.SHORT_TRAINING_KEYS
+    pe = position_embedding(ids, (4, 6, 6), 10_000)
+    key_mask = torch.ones(2, ids.shape[1], dtype=torch.bool)
+    key_mask[1, 3] = False
+    inputs = [torch.randn(2, 3, ids.shape[1], 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    weights = torch.randn(2, ids.shape[1], 48)
+    results = []
+    for threshold, kernel in ((transformer.SHORT_TRAINING_KEYS, "math"), (0, "flash")):
+        monkeypatch.setattr(transformer, "SHORT_TRAINING_KEYS", threshold)
+        for x in inputs:
+            x.grad = None
+        with torch.profiler.profile() as prof:
+            out = transformer.attention(*inputs, pe, key_mask)
+        assert any(kernel in e.key for e in prof.key_averages() if "scaled_dot_product" in e.key)
+        (out.float() * weights).sum().backward()
+        results.append([out.detach().float()] + [x.grad.float() for x in inputs])
+    for ours, flash in zip(*results):
+        torch.testing.assert_close(ours, flash, atol=2e-2, rtol=2e-2)  # bf16 inputs, float32 softmax in both
