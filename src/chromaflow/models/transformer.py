@@ -195,10 +195,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | No
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     if window is None:
-        x = _short_training_backend(F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
+        x = _sdpa(q, k, v, attn_mask=mask)
     else:
         n_txt = q.shape[2] - window.grid[0] * window.grid[1]
-        text = F.scaled_dot_product_attention(q[:, :, :n_txt], k, v, attn_mask=mask)  # text queries stay global
+        text = _sdpa(q[:, :, :n_txt], k, v, attn_mask=mask)  # text queries stay global
         x = torch.cat([text, _window_attention(q, k, v, key_mask, window, n_txt)], 2)
     return x.transpose(1, 2).flatten(2)
 
@@ -210,11 +210,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, key_mask: Tensor | No
 SHORT_TRAINING_KEYS = 160
 
 
-def _short_training_backend(sdpa, q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """F.scaled_dot_product_attention, on the math backend for short CPU sequences that need gradients (above)."""
     if q.requires_grad and q.device.type == "cpu" and k.shape[2] <= SHORT_TRAINING_KEYS:
         with sdpa_kernel(SDPBackend.MATH):
-            return sdpa(q, k, v, **kw)
-    return sdpa(q, k, v, **kw)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, 
     if key_mask is not None or not bool(valid.all()):
         txt_mask = (key_mask[:, :n_txt] if key_mask is not None else valid.new_ones(b, n_txt)).bool()
         mask = torch.cat([txt_mask.repeat_interleave(n_windows, 0), valid.repeat(b, 1)], 1)[:, None, None, :]
-    out = F.scaled_dot_product_attention(_to_windows(q[:, :, n_txt:], w), keys, values, attn_mask=mask)
+    out = _sdpa(_to_windows(q[:, :, n_txt:], w), keys, values, attn_mask=mask)
     return _from_windows(out, w, b)
 
 
