@@ -15,7 +15,7 @@ import time
 import torch
 
 from chromaflow import benchmark
-from chromaflow.models.transformer import build, image_ids
+from chromaflow.models.transformer import build
 from chromaflow.pipeline.loading import load
 
 LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear")  # bmm: our forward has none outside SDPA
@@ -24,11 +24,8 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_sc
 
 
 def breakdown(model, side: int, visible: int, batch: int, repeats: int, peak: float) -> dict:
-    p, dtype = model.params, next(model.parameters()).dtype
-    img = torch.randn(batch, side * side, p.in_channels).to(dtype)
-    ids = image_ids(batch, side, side)
-    txt, mask = benchmark.random_text(p, batch, visible)
-    args = (img, ids, txt.to(dtype), torch.zeros(batch, benchmark.PEER_PAD, 3), torch.full((batch,), 0.5))
+    p = model.params
+    *args, mask = benchmark.forward_inputs(p, side, visible, batch, next(model.parameters()).dtype)
     flops = benchmark.forward_flops(p, side * side, visible, batch)
     with torch.inference_mode():
         for _ in range(2):  # warm-up (and the compile, with --compile)

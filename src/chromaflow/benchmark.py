@@ -128,18 +128,22 @@ def random_text(p: MMDiTParams, batch: int, visible: int, seed: int = 0) -> tupl
     return embeds, mask
 
 
+def forward_inputs(p: MMDiTParams, side: int, visible: int, batch: int, dtype: torch.dtype) -> tuple:
+    """(img, img_ids, txt, txt_ids, timesteps, txt_mask) for one forward at a side x side token grid with `visible`
+    text tokens in 512 padded slots (timestep 0.5)."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(batch, side * side, p.in_channels, generator=g).to(dtype)
+    txt, mask = random_text(p, batch, visible)
+    return (img, image_ids(batch, side, side), txt.to(dtype), torch.zeros(batch, PEER_PAD, 3),
+            torch.full((batch,), 0.5), mask)
+
+
 def bench_transformer(model: MMDiT, side: int, visible: int, batch: int = 2, repeats: int = 3,
                       peak_gflops: float | None = None, peer: bool = True, peer_model=None) -> dict:
     """One forward at a side x side token grid with `visible` text tokens: ours (pads dropped) vs diffusers (512
     slots, masked), same weights and dtype."""
     p, dtype = model.params, next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(1)
-    img = torch.randn(batch, side * side, p.in_channels, generator=g).to(dtype)
-    ids = image_ids(batch, side, side)
-    txt, mask = random_text(p, batch, visible)
-    txt = txt.to(dtype)
-    txt_ids = torch.zeros(batch, PEER_PAD, 3)
-    t = torch.full((batch,), 0.5)
+    img, ids, txt, txt_ids, t, mask = forward_inputs(p, side, visible, batch, dtype)
     flops = forward_flops(p, side * side, visible, batch)
     out = {"tokens_img": side * side, "tokens_txt": visible, "batch": batch, "gflops": flops["total"] / 1e9}
     with torch.inference_mode():
