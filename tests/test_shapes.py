@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from chromaflow.engine.shapes import (BACKGROUNDS, COLORS, GAP, KINDS, LANGUAGES, SIZES, Obj, Scene, ShapesDataset,
+from chromaflow.engine.shapes import (BACKGROUNDS, BORDER, COLORS, GAP, KINDS, LANGUAGES, RELATION_RATIO, SIZES, Obj,
+                                      Scene, ShapesDataset,
                                       LABEL_HEADS, PAIRS, caption, caption_labels, describe, relation_holds, render,
                                       ru_phrase, sample_scene)
 
@@ -18,6 +19,26 @@ def test_items_are_deterministic_by_seed_and_index():
     assert [a[i][1] for i in range(5)] != [c[i][1] for i in range(5)]
     x, text = ShapesDataset(seed=5, size=32, as_tensor=True)[7]
     assert tuple(x.shape) == (3, 32, 32) and -1.0 <= float(x.min()) <= float(x.max()) <= 1.0 and text == a[7][1]
+
+
+def test_centre_jitter_moves_each_group_as_a_whole_to_near_the_centre():
+    uniform, centred = ShapesDataset(seed=3), ShapesDataset(seed=3, centre_jitter=0.05)
+    spread = []
+    for i in range(300):
+        (a, _), (b, _) = uniform.scene(i), centred.scene(i)
+        assert [(o.shape, o.color, o.size) for o in a.objects] == [(o.shape, o.color, o.size) for o in b.objects]
+        shift = np.subtract(b.objects[0].bbox, a.objects[0].bbox)
+        for oa, ob in zip(a.objects, b.objects):  # one translation for the whole group
+            assert np.allclose(np.subtract(ob.bbox, oa.bbox), shift, atol=1e-9)
+            assert BORDER - 1e-9 <= min(ob.bbox) and max(ob.bbox) <= 1 - BORDER + 1e-9
+        centre = [(min(o.bbox[k] for o in b.objects) + max(o.bbox[k + 2] for o in b.objects)) / 2 for k in (0, 1)]
+        assert np.abs(np.subtract(centre, 0.5)).max() <= 0.05 + 1e-9
+        spread.append(centre)
+        if b.relation:
+            assert relation_holds(b.relation, b.objects[0].centre, b.objects[1].centre, RELATION_RATIO)
+    assert np.std(spread) > 0.02  # jittered, not pinned
+    with pytest.raises(ValueError, match="centre_jitter"):
+        ShapesDataset(centre_jitter=0.7)
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

@@ -295,3 +295,43 @@ def test_label_loss_trains_a_head_on_the_shape_maps_and_resumes_identically(vae_
     assert all(torch.equal(v, resumed[k]) for k, v in straight.state_dict().items())
     with pytest.raises(ValueError, match=r"label_loss block must be in 1\.\.4"):
         train(tiny_config(vae_dir, label_loss={"block": 5}), tmp_path / "c", progress=False)
+
+
+def test_contrastive_weight_repels_captioned_predictions_from_the_next_samples_target():
+    from chromaflow.engine.train import flow_loss
+    from chromaflow.models.vae import pack
+    x0 = torch.randn(6, 4, 4, 4)
+    seen = {}
+
+    class Net(torch.nn.Module):  # a fixed linear prediction; records what the loss fed it
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x_t, img_ids, t, captions):
+            seen.update(x_t=x_t, t=t, captions=captions)
+            return self.scale * x_t, None
+
+    def loss(weight):
+        cfg = TrainConfig(caption_dropout=0.5, contrastive_weight=weight, bf16=False)
+        return flow_loss(Net(), None, (x0, ["a red circle"] * 6), True, cfg, torch.Generator().manual_seed(1))[0]
+
+    plain, contrastive = loss(0.0), loss(0.05)
+    tt = seen["t"].view(-1, 1, 1)
+    target = (seen["x_t"] - pack(x0)) / tt  # x_t = (1 - t) x0 + t noise, target = noise - x0
+    pred = 0.7 * seen["x_t"]
+    captioned = torch.tensor([c != "" for c in seen["captions"]], dtype=torch.float32).view(-1, 1, 1)
+    assert 0 < captioned.sum() < 6  # both kinds in the batch: the empty captions must keep no negative
+    repel = ((pred - target.roll(1, 0)).square() * captioned).mean()
+    assert torch.allclose(plain, (pred - target).square().mean(), rtol=1e-4)
+    assert torch.allclose(contrastive, plain - 0.05 * repel, rtol=1e-4)
+
+
+def test_every_preset_recipe_is_a_valid_training_config():
+    from chromaflow.engine.train import transformer_params
+    from chromaflow.pipeline.training import PRESETS, recipe
+    for name in PRESETS:
+        cfg = TrainConfig.from_dict(recipe(name)["train"])
+        params = transformer_params(cfg)
+        assert params.head_dim == sum(params.axes_dim), name  # RoPE covers each head exactly
+        assert cfg.total_steps == sum(s.steps for s in cfg.stage_list)

@@ -106,6 +106,19 @@ def _centre(box):
     return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
+def centre_group(scene: Scene, rng: np.random.Generator, jitter: float) -> Scene:
+    """Translate all of a scene's objects together so their joint bbox sits at the canvas centre, moved by up to
+    +-`jitter` on each axis (kept inside the frame). Sizes, gaps and relations are unchanged; only where the group
+    lies is no longer uniform, so a caption (which never names a place) determines far more of the image."""
+    lo = [min(o.bbox[i] for o in scene.objects) for i in (0, 1)]
+    hi = [max(o.bbox[i + 2] for o in scene.objects) for i in (0, 1)]
+    shift = [min(max(0.5 - (lo[i] + hi[i]) / 2 + rng.uniform(-jitter, jitter), BORDER - lo[i]), 1 - BORDER - hi[i])
+             for i in (0, 1)]
+    for o in scene.objects:
+        o.bbox = (o.bbox[0] + shift[0], o.bbox[1] + shift[1], o.bbox[2] + shift[0], o.bbox[3] + shift[1])
+    return scene
+
+
 def _separated_along(relation, a, b) -> bool:
     """The bboxes themselves are apart along the named axis, so the relation holds for every point of them."""
     return (a[2] + GAP <= b[0] or b[2] + GAP <= a[0]) if relation in ("left of", "right of") \
@@ -492,8 +505,12 @@ class ShapesDataset:
     at an exact data position. Images are PIL, or float tensors (3, H, W) in [-1, 1] with as_tensor=True."""
 
     def __init__(self, seed: int = 0, size: int = 256, languages=LANGUAGES, language_weights=None,
-                 kind_weights=None, as_tensor: bool = False, length: int = 2 ** 31 - 1):
-        self.seed, self.size, self.languages = seed, size, tuple(languages)
+                 kind_weights=None, as_tensor: bool = False, length: int = 2 ** 31 - 1,
+                 centre_jitter: float | None = None):
+        """`centre_jitter`: None places objects uniformly; a number centres each scene's group (`centre_group`)."""
+        if centre_jitter is not None and not 0 <= centre_jitter <= 0.5:
+            raise ValueError(f"centre_jitter must be between 0 and 0.5 (canvas units), got {centre_jitter!r}")
+        self.seed, self.size, self.languages, self.centre_jitter = seed, size, tuple(languages), centre_jitter
         self.as_tensor, self.length = as_tensor, length
         self.language_weights = _normalise(language_weights, len(self.languages))
         self.kind_weights = _normalise(KIND_WEIGHTS if kind_weights is None else kind_weights, len(KINDS))
@@ -503,7 +520,8 @@ class ShapesDataset:
 
     def scene(self, index: int) -> tuple[Scene, np.random.Generator]:
         rng = np.random.default_rng([self.seed, index])     # training seeds: 2-word entropy; the benchmark uses 4+
-        return sample_scene(rng, KINDS[int(rng.choice(len(KINDS), p=self.kind_weights))]), rng
+        scene = sample_scene(rng, KINDS[int(rng.choice(len(KINDS), p=self.kind_weights))])
+        return (scene if self.centre_jitter is None else centre_group(scene, rng, self.centre_jitter)), rng
 
     def __getitem__(self, index: int):
         if index < 0:

@@ -41,7 +41,7 @@ from .report import loss_curve
 
 # the TrainConfig fields that shape the flow loss, which a stage may set for its own steps
 STAGE_LOSS_FIELDS = ("timesteps", "logit_mean", "logit_std", "mode_scale", "timestep_shift", "ot_pairing",
-                     "caption_dropout")
+                     "caption_dropout", "contrastive_weight")
 
 
 @dataclass
@@ -115,6 +115,9 @@ class TrainConfig:
     # geometry; the loss adds w * cross-entropy. The head trains with the model and is left out of the export.
     label_loss: dict = field(default_factory=dict)
     caption_dropout: float = 0.1  # empty caption, so the model learns the unconditional velocity for CFG
+    # contrastive flow matching (Stoica et al. 2025, "Delta-FM"): subtract w * |prediction - another sample's
+    # target|^2 for captioned samples, pushing each caption's flow away from the others' (their paper: w = 0.05)
+    contrastive_weight: float = 0.0
     lr: float = 3e-4
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # cosine | constant
@@ -405,9 +408,9 @@ class ShapesData:
     """Batches of the shapes world: (images, captions), and each image's shape_labels map with `labels`."""
 
     def __init__(self, seed: int = 0, languages=("en", "zh", "ru"), language_weights=None, kind_weights=None,
-                 labels: bool = False):
+                 centre_jitter: float | None = None, labels: bool = False):
         self.world = ShapesDataset(seed=seed, languages=languages, language_weights=language_weights,
-                                   kind_weights=kind_weights, as_tensor=True)
+                                   kind_weights=kind_weights, as_tensor=True, centre_jitter=centre_jitter)
         self.labels = labels
 
     def batch(self, number: int, batch_size: int, size: int) -> tuple:
@@ -661,6 +664,10 @@ def flow_loss(net: nn.Module, vae: VAE, batch: tuple, latent_batch: bool, cfg: T
     with bf16_autocast(device, cfg.bf16):
         pred, label_logits = net(x_t, image_ids(b, h // 2, w // 2, device), t, captions)
     loss = (pred.float() - target).square().mean()
+    if cfg.contrastive_weight and b > 1:  # the batch's next sample's target is the negative; empty captions keep none
+        captioned = (~drop).to(device, torch.float32)[:, None, None]
+        repel = ((pred.float() - target.roll(1, 0)).square() * captioned).mean()
+        loss = loss - cfg.contrastive_weight * repel
     if label_logits is None:
         return loss, None
     if len(batch) < 3:

@@ -73,6 +73,13 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
     "stages": [{"steps": 900, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
+# the next built-in recipe, in training (session 20): the default's stages with 16 attention heads of width 16 (more
+# RoPE probes per block) and the shape-label loss; it reuses the default's VAE and text-encoder stages unchanged
+PRESETS["v3"] = {**PRESETS["default"], "train": {
+    **PRESETS["default"]["train"], "name": "v3",
+    "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6]},
+    "label_loss": {"weight": 0.5, "block": 2}}}
+
 
 def recipe(preset_or_path: str) -> dict:
     if preset_or_path in PRESETS:
