@@ -74,10 +74,12 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
 # the next built-in recipe, in training (session 20): the default's stages with 16 attention heads of width 16 (more
-# RoPE probes per block) and the shape-label loss; it reuses the default's VAE and text-encoder stages unchanged
+# RoPE probes per block), the shape-label loss and centred object groups (README, Train: each measured in a proxy);
+# it reuses the default's VAE and text-encoder stages unchanged
 PRESETS["v3"] = {**PRESETS["default"], "train": {
     **PRESETS["default"]["train"], "name": "v3",
     "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6]},
+    "data": {"kind": "shapes", "seed": 0, "centre_jitter": 0.05},
     "label_loss": {"weight": 0.5, "block": 2}}}
 
 
