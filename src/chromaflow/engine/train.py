@@ -116,7 +116,8 @@ class TrainConfig:
     label_loss: dict = field(default_factory=dict)
     caption_dropout: float = 0.1  # empty caption, so the model learns the unconditional velocity for CFG
     # contrastive flow matching (Stoica et al. 2025, "Delta-FM"): subtract w * |prediction - another sample's
-    # target|^2 for captioned samples, pushing each caption's flow away from the others' (their paper: w = 0.05)
+    # target|^2 for captioned samples, pushing each caption's flow away from the others' (their paper: w = 0.05);
+    # the logged loss then includes that negative term
     contrastive_weight: float = 0.0
     lr: float = 3e-4
     warmup_steps: int = 100

@@ -75,7 +75,7 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
 
 # the next built-in recipe, in training (session 20): the default's stages with 16 attention heads of width 16 (more
 # RoPE probes per block), the shape-label loss and centred object groups (README, Train: each measured in a proxy);
-# it reuses the default's VAE and text-encoder stages unchanged
+# its VAE and text-encoder stages are the default's
 PRESETS["v3"] = {**PRESETS["default"], "train": {
     **PRESETS["default"]["train"], "name": "v3",
     "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6]},
