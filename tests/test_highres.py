@@ -11,7 +11,7 @@ from PIL import Image
 from chromaflow.cli import main
 from chromaflow.models.step_cache import StepCache
 from chromaflow.models.transformer import (RopeScaling, WindowedAttention, apply_rope, attention, build, image_ids,
-                                           position_embedding)
+                                           position_embedding, preset)
 from chromaflow.pipeline.loading import random_pipeline
 
 
@@ -89,6 +89,37 @@ def test_rope_scaling_interpolates_or_stretches_the_slow_frequencies():
         RopeScaling("yarn", 2.0)
     with pytest.raises(ValueError, match=">= 1"):
         RopeScaling("ntk", 0.5)
+
+
+@pytest.mark.parametrize("rows, cols", [(4, 4), (8, 8), (6, 12)])
+def test_position_grid_scales_image_positions_so_every_size_spans_the_same_range(rows, cols):
+    """A position_grid model on a rows x cols grid equals the plain model fed positions scaled by
+    grid / sqrt(rows * cols); at grid x grid tokens it is the plain model itself."""
+    torch.manual_seed(0)
+    plain = build(preset("tiny")).eval()
+    gridded = build(preset("tiny", position_grid=4)).eval()
+    gridded.load_state_dict(plain.state_dict())
+    img, txt = torch.randn(2, rows * cols, 64), torch.randn(2, 5, 32)
+    ids, txt_ids, t = image_ids(2, rows, cols), torch.zeros(2, 5, 3), torch.tensor([0.3, 0.8])
+    scale = 4 / math.sqrt(rows * cols)
+    with torch.no_grad():
+        expected = plain(img, ids * torch.tensor([1.0, scale, scale]), txt, txt_ids, t)
+        got = gridded(img, ids, txt, txt_ids, t)
+        torch.testing.assert_close(got, expected)
+        if rows * cols == 16:
+            assert torch.equal(got, plain(img, ids, txt, txt_ids, t))
+        else:
+            assert not torch.allclose(got, plain(img, ids, txt, txt_ids, t), atol=1e-3)
+    assert gridded.params.to_dict()["position_grid"] == 4
+    with pytest.raises(ValueError, match="position_grid must be a positive"):
+        preset("tiny", position_grid=0)
+
+
+def test_rope_scaling_is_refused_by_name_for_a_model_whose_positions_scale_with_size():
+    gridded = random_pipeline("tiny")
+    gridded.transformer.params = preset("tiny", position_grid=4)
+    with pytest.raises(ValueError, match="rope_scaling 'interpolate' does not apply.*position_grid 4"):
+        gridded("a red circle", width=128, height=128, rope_scaling="interpolate", progress=False)
 
 
 def window_calls(pipe, **kw):

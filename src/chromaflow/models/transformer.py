@@ -36,6 +36,10 @@ class MMDiTParams:
     mlp_ratio: float = 4.0
     axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis; sums to head_dim
     theta: int = 10_000
+    # None: one position unit per token (Flux, Chroma). N: image positions scaled so that every image spans N units
+    # per side (by area) whatever its resolution, so layout learned at one size carries to others (PixArt scales
+    # positions with resolution too); the built-in model's 128 px training then shapes its 256 px layout
+    position_grid: int | None = None
     qkv_bias: bool = True
     guidance_embed: bool = False  # flux-dev only: embeds distilled guidance
     vec_in_dim: int = 768  # flux only: CLIP pooled vector
@@ -51,6 +55,9 @@ class MMDiTParams:
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"axes_dim {tuple(self.axes_dim)} must sum to head_dim {self.head_dim}")
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        if self.position_grid is not None and not (isinstance(self.position_grid, int) and self.position_grid > 0):
+            raise ValueError(f"position_grid must be a positive number of units per side or None, "
+                             f"got {self.position_grid!r}")
         if self.variant == "chroma":  # Chroma always feeds a guidance slot to its approximator (as 0)
             object.__setattr__(self, "guidance_embed", True)
 
@@ -529,6 +536,9 @@ class MMDiT(nn.Module):
         if txt_mask is not None and drop_masked:
             txt, txt_ids, txt_mask = drop_hidden_tokens(txt, txt_ids, txt_mask)
         dtype = self.img_in.weight.dtype
+        if self.params.position_grid:  # the image spans position_grid units per side at any size
+            scale = self.params.position_grid / math.sqrt(img.shape[1])
+            img_ids = img_ids * img_ids.new_tensor([1.0, scale, scale])
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
         pe = position_embedding(torch.cat([txt_ids, img_ids], 1), self.params.axes_dim, self.params.theta,
                                 rope_scaling)

@@ -373,6 +373,9 @@ class Pipeline:
         if not 0 <= window_blocks <= 1:
             raise ValueError(f"attention_window_blocks is a fraction of the blocks in [0, 1], got {window_blocks}")
         p = self.transformer.params
+        if rope_scaling is not None and p.position_grid:
+            raise ValueError(f"rope_scaling {rope_scaling!r} does not apply to this model: its positions already "
+                             f"scale with the image size (position_grid {p.position_grid}); leave rope_scaling unset")
         return HighRes(native, rope_scaling, window, round(window_blocks * (p.depth + p.depth_single_blocks)),
                        window_steps)
 

@@ -73,12 +73,13 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
     "stages": [{"steps": 900, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
-# the next built-in recipe, in training (session 20): the default's stages with 16 attention heads of width 16 (more
-# RoPE probes per block), the shape-label loss and centred object groups (README, Train: each measured in a proxy);
-# its VAE and text-encoder stages are the default's
+# the next built-in recipe, in training (sessions 20-21): the default's stages with 16 attention heads of width 16
+# (more RoPE probes per block), the shape-label loss and centred object groups (README, Train: each measured in a
+# proxy), and positions that scale with the image (position_grid 8: a 256 px image spans the 8 units of a 128 px
+# one, so the layout learned in the cheap 128 px steps holds at 256); VAE and text-encoder stages as the default's
 PRESETS["v3"] = {**PRESETS["default"], "train": {
     **PRESETS["default"]["train"], "name": "v3",
-    "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6]},
+    "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6], "position_grid": 8},
     "data": {"kind": "shapes", "seed": 0, "centre_jitter": 0.05},
     "label_loss": {"weight": 0.5, "block": 2}}}
 
