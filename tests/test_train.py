@@ -246,7 +246,7 @@ def test_preset_tiny_trains_every_stage_and_exports_a_loadable_model(tmp_path, c
     assert "text encoder: pretrained 3 steps" in card and "DiT" in card and "this machine's CPU" in card
     assert "Trained by `chromaflow train --preset tiny`" in card
     assert "flow loss: timesteps chroma, shift None, minibatch OT pairing on" in card  # the tiny preset's recipe
-    assert '- data: {"kind": "shapes", "seed": 0}' in card
+    assert '- data: {"kind": "shapes", "seed": 0}' in card and '- transformer: {"preset": "tiny"}' in card
     assert json.loads((tmp_path / "dit" / "config.json").read_text())["text_encoder"] == {
         "path": str(tmp_path / "text_train" / "text_encoder")}
     with safe_open(folder / "transformer.safetensors", "pt") as f:  # stored in bf16; run in what is fast here

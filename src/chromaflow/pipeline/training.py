@@ -234,6 +234,7 @@ def model_card(preset: str, cfg: TrainConfig, report: dict, hours: dict, session
            if cfg.label_loss else "")
         + (f", contrastive weight {cfg.contrastive_weight}" if cfg.contrastive_weight else "")
         + f"; AdamW lr {cfg.lr}, EMA {cfg.ema_decay}",
+        f"- transformer: {json.dumps(cfg.model)}",
         f"- data: {json.dumps(cfg.data)}",
         f"- training wall time: {hours['stages'] + hours['dit']:.2f} h in all: VAE and text-encoder stages "
         f"{hours['stages']:.2f} h, DiT {hours['dit']:.2f} h (all sessions; the last on {hours['device']})",
