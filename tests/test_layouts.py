@@ -142,6 +142,14 @@ def test_diffusers_from_pretrained_reads_our_folder(tmp_path):
     assert_same_state(ref.state_dict(), original_to_diffusers(model.state_dict()))
 
 
+def test_a_diffusers_folder_of_a_position_grid_model_warns_and_loads_back_the_grid(tmp_path):
+    model = build(preset("tiny", position_grid=4))
+    with pytest.warns(UserWarning, match="no equivalent of position_grid 4"):
+        folder = save_transformer(model, tmp_path / "transformer", layout="diffusers")
+    loaded, _ = load_transformer(folder)
+    assert loaded.params.position_grid == 4 and loaded.params == model.params
+
+
 # --- load / save ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)

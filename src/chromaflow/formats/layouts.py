@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -528,6 +529,10 @@ def save_transformer(model_or_state_dict: MMDiT | Mapping[str, Tensor], path: st
         return _write_sharded(tensors, path, meta, max_shard_size)
     if layout != "diffusers":
         raise ValueError(f"{path}: an original-layout checkpoint is a single .safetensors file; give a file name")
+    if params.position_grid:
+        warnings.warn(f"{path}: diffusers has no equivalent of position_grid {params.position_grid} (positions that "
+                      "scale with the image); chromaflow reads it back from the weights' metadata, but diffusers "
+                      "would place one position per token and draw different images", stacklevel=2)
     path.mkdir(parents=True, exist_ok=True)
     with atomic_write(path / "config.json", "w") as f:
         json.dump(diffusers_config(params), f, indent=2)
