@@ -211,12 +211,13 @@ def test_adaln_zero_init_starts_every_block_as_the_identity_and_still_learns(vae
     from chromaflow.models.transformer import image_ids
     transformer, text, _ = build_models(tiny_config(vae_dir, init="adaln_zero"))
     x, ids = torch.randn(2, 16, 64), image_ids(2, 4, 4, "cpu")
-    mods = transformer.modulations(torch.rand(2))
+    with torch.no_grad():
+        mods = transformer.modulations(torch.rand(2))
+        out = transformer(x, ids, torch.randn(2, 3, 32), torch.zeros(2, 3, 3), torch.rand(2))
     assert all(float(m.abs().max()) == 0 for pair in mods.double for m in pair) and float(mods.final.abs().max()) == 0
-    txt = torch.randn(2, 3, 32)
-    assert float(transformer(x, ids, txt, torch.zeros(2, 3, 3), torch.rand(2)).abs().max()) == 0
+    assert float(out.abs().max()) == 0
     trained = train(tiny_config(vae_dir, steps=4, init="adaln_zero"), tmp_path / "run", progress=False)
-    assert float(trained.transformer.distilled_guidance_layer.out_proj.weight.abs().max()) > 0  # the gates opened
+    assert float(trained.transformer.distilled_guidance_layer.out_proj.weight.detach().abs().max()) > 0  # gates opened
     with pytest.raises(ValueError, match="unknown init 'zeros'; valid: default, adaln_zero"):
         build_models(tiny_config(vae_dir, init="zeros"))
 
