@@ -36,9 +36,14 @@ PRESETS: dict[str, dict] = {
                  "steps": 3000, "batch_size": 64, "lr": 2e-3},
         "train": {
             "name": "default",
-            "model": {"preset": "default"},
+            # 16 attention heads of width 16 (more RoPE probes per block); positions that scale with the image
+            # (position_grid 8: a 256 px image spans the 8 units of a 128 px one, so the layout learned in the
+            # cheap 128 px steps holds at 256)
+            "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6], "position_grid": 8},
             "train_text_encoder": False,  # pretrained by the "text" stage, then frozen (as T5 is for Chroma)
-            "data": {"kind": "shapes", "seed": 0},
+            # centred object groups and the shape-label loss (README, Train: each measured in a proxy)
+            "data": {"kind": "shapes", "seed": 0, "centre_jitter": 0.05},
+            "label_loss": {"weight": 0.5, "block": 2},
             # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only, with timesteps
             # shifted to high noise, where a caption decides what is drawn (150-step A/B from step 3557, 32 single-
             # object prompts: colour 66 -> 84%, shape 22 -> 44% against the same steps unshifted)
@@ -66,22 +71,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# about an hour: the first, shorter run of the default recipe (the interim built-in model)
+# about an hour: a shorter run of the default recipe
 PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train": {
     **PRESETS["default"]["train"], "name": "quick", "warmup_steps": 100, "ema_decay": 0.998,
     "checkpoint_every": 100, "sample_every": 300,
     "stages": [{"steps": 900, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
-# the next built-in recipe, in training (sessions 20-21): the default's stages with 16 attention heads of width 16
-# (more RoPE probes per block), the shape-label loss and centred object groups (README, Train: each measured in a
-# proxy), and positions that scale with the image (position_grid 8: a 256 px image spans the 8 units of a 128 px
-# one, so the layout learned in the cheap 128 px steps holds at 256); VAE and text-encoder stages as the default's
-PRESETS["v3"] = {**PRESETS["default"], "train": {
-    **PRESETS["default"]["train"], "name": "v3",
-    "model": {"preset": "default", "num_heads": 16, "axes_dim": [4, 6, 6], "position_grid": 8},
-    "data": {"kind": "shapes", "seed": 0, "centre_jitter": 0.05},
-    "label_loss": {"weight": 0.5, "block": 2}}}
+# the built-in model before the current default (v3): 4 heads of width 64, one RoPE position per token, objects
+# placed anywhere, no shape-label loss
+PRESETS["v2"] = {**PRESETS["default"], "train": {
+    **{k: v for k, v in PRESETS["default"]["train"].items() if k != "label_loss"}, "name": "v2",
+    "model": {"preset": "default"}, "data": {"kind": "shapes", "seed": 0}}}
 
 
 def recipe(preset_or_path: str) -> dict:
