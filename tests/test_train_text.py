@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from chromaflow.engine.shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, with_filler
-from chromaflow.engine.train_text import (PairTokenReadout, TextTrainConfig, caption_batch, named_pairs,
-                                          train_text_encoder)
+from chromaflow.engine.shapes import (KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, Obj, Scene,
+                                      caption_labels, with_filler)
+from chromaflow.engine.train_text import (FACT_KINDS, FACTS_PER_PAIR, FactTokenReadout, TextTrainConfig,
+                                          caption_batch, named_facts, train_text_encoder)
 from chromaflow.models.text import ByteTextEncoder, load_text_encoder
 
 
@@ -43,34 +44,56 @@ def test_filler_words_are_made_up_and_leave_the_content_words_whole():
                 assert [w for w in out.split() if w in text.split()] == text.split()
 
 
-def test_a_pair_scores_its_best_visible_token():
-    readout = PairTokenReadout(4)
+def test_a_fact_scores_its_best_visible_token():
+    readout = FactTokenReadout(4)
     embeds = torch.randn(2, 5, 4)
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     per_token = readout.linear(embeds)
     scores = readout(embeds, mask)
     assert torch.allclose(scores[0], per_token[0, :3].amax(0)) and torch.allclose(scores[1], per_token[1].amax(0))
-    embeds[0, 3:] = 1e4  # padding can say anything: it never lights a pair
+    embeds[0, 3:] = 1e4  # padding can say anything: it never lights a fact
     assert torch.equal(readout(embeds, mask)[0], scores[0])
-    _, labels, _, kinds = caption_batch(0, 1, 30)
-    assert [int(n) for n in named_pairs(labels).sum(1)] == [2 if k in ("two", "relation") else 1 for k in kinds]
+
+
+def test_facts_bind_count_size_and_side_to_each_pair():
+    def scene(*objects, relation=None):
+        return Scene([Obj(shape, color, size, (0, 0, 0.1, 0.1)) for color, shape, size in objects], "default",
+                     relation, "relation" if relation else "two")
+
+    def facts(s, sized=True):  # (pair, fact name) for every fact stated
+        grid = named_facts(torch.tensor([caption_labels(s, sized)])).view(len(PAIRS), FACTS_PER_PAIR)
+        names = ["1", "2", "3", *SIZES, *RELATIONS]
+        return {(PAIRS[p], names[f]) for p, f in grid.nonzero().tolist()}
+
+    red, blue = ("red", "circle"), ("blue", "square")
+    # "a blue square right of a small red circle": the red circle (lower-numbered pair) is the left one
+    assert facts(scene(("blue", "square", "large"), ("red", "circle", "small"), relation="right of")) == {
+        (red, "1"), (red, "small"), (red, "left of"), (blue, "1"), (blue, "large"), (blue, "right of")}
+    assert facts(scene(("red", "circle", "large"), ("blue", "square", "small"), relation="below"), sized=False) == {
+        (red, "1"), (red, "below"), (blue, "1"), (blue, "above")}
+    assert facts(scene(*[("red", "circle", "small")] * 3)) == {(red, "3"), (red, "small")}
+    _, labels, _, kinds = caption_batch(0, 1, 40)
+    sides = named_facts(labels).view(len(labels), len(PAIRS), FACTS_PER_PAIR)[..., -len(RELATIONS):]
+    assert [int(n) for n in sides.sum((1, 2))] == [2 if k == "relation" else 0 for k in kinds]
 
 
 def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_path):
     cfg = TextTrainConfig(encoder={"width": 32, "depth": 1, "heads": 2, "max_length": 96, "pool": 2}, steps=120,
-                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30, pair_tokens=0.5)
+                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30, fact_tokens=0.5)
     folder = train_text_encoder(cfg, tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]  # well below the start (chance on every head)
     report = json.loads((tmp_path / "report.json").read_text())["held_out"]
     assert {"all_correct", "count", "relation", *LANGUAGES} <= set(report) and set(report["by_scene"]) == set(KINDS)
     assert report["background"] > 0.5  # the easiest head: one word
-    assert set(report["pair_tokens_by_scene"]) == set(KINDS)
+    assert set(report["fact_tokens_by_scene"]) == set(KINDS)
+    assert set(report["fact_tokens_by_kind"]) == set(FACT_KINDS)
+    assert 0.0 <= report["seen_templates"] <= 1.0
     encoder = load_text_encoder(folder)
     assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2
 
 
-@pytest.mark.parametrize("field, value", [("filler", 1.5), ("pair_tokens", -0.1)])
+@pytest.mark.parametrize("field, value", [("filler", 1.5), ("fact_tokens", -0.1)])
 def test_bad_text_stage_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         TextTrainConfig(**{field: value})

@@ -235,7 +235,7 @@ _RU_REL = {"left of": (("слева от", "gen"), ("левее", "gen")), "righ
 _RU_AGREE = {"drawn": ("нарисован", "нарисована", "нарисованы"), "shown": ("изображён", "изображена", "изображены"),
              "placed": ("расположен", "расположена", "расположены"), "seen": ("виден", "видна", "видны")}
 _RU_BG = {"white": ("белом", "белый"), "black": ("чёрном", "чёрный"), "gray": ("сером", "серый")}
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def ru_adjective(word: str, gender: str, case: str, variant: int = 0) -> str:
@@ -296,14 +296,14 @@ def _slots(lang: str, scene: Scene, sized: bool, rng) -> dict:
         s["n"] = _en_np(objs[0], sized, rng, "num", n)
         s["d"] = _en_np(objs[0], sized, rng, "digit", n)
         if scene.relation:
-            s["rel"], s["inv"] = (_pick(rng, _EN[r]) for r in (scene.relation, _INVERSE[scene.relation]))
+            s["rel"], s["inv"] = (_pick(rng, _EN[r]) for r in (scene.relation, INVERSE[scene.relation]))
     elif lang == "zh":
         for key, o in zip("ab", objs):
             for form in ("num", "bare", "compact"):
                 s[f"{key}_{form}"] = _zh_np(o, sized, form)
         s["n_num"], s["n_digit"] = (_zh_np(objs[0], sized, f, n) for f in ("num", "digit"))
         if scene.relation:
-            s["pos"], s["inv"] = (_pick(rng, _ZH[r]) for r in (scene.relation, _INVERSE[scene.relation]))
+            s["pos"], s["inv"] = (_pick(rng, _ZH[r]) for r in (scene.relation, INVERSE[scene.relation]))
     else:
         for key, o in zip("AB", objs):
             size, var = (o.size if sized else None), int(rng.integers(2))
@@ -318,7 +318,7 @@ def _slots(lang: str, scene: Scene, sized: bool, rng) -> dict:
             s["N"] = ru_phrase(o.shape, o.color, o.size if sized else None, count=n, variant=int(rng.integers(2)))
             s["N_digit"] = str(n) + s["N"][s["N"].index(" "):]
         if scene.relation:
-            (prep, case), (iprep, icase) = (_pick(rng, _RU_REL[r]) for r in (scene.relation, _INVERSE[scene.relation]))
+            (prep, case), (iprep, icase) = (_pick(rng, _RU_REL[r]) for r in (scene.relation, INVERSE[scene.relation]))
             s["rel_B"] = f"{prep} {s['B_' + case]}"
             s["inv_A"] = f"{iprep} {s['A_' + icase]}"
     return s
@@ -488,7 +488,7 @@ def caption_labels(scene: Scene, sized: bool) -> list[int]:
     relation = 0
     if scene.relation:
         a, b = (PAIRS.index((o.color, o.shape)) for o in scene.objects[:2])
-        rel = scene.relation if a < b else _INVERSE[scene.relation]  # "A left of B" == "B right of A"
+        rel = scene.relation if a < b else INVERSE[scene.relation]  # "A left of B" == "B right of A"
         relation = 1 + RELATIONS.index(rel)
     return count + size + [relation, list(BACKGROUNDS).index(scene.background)]
 

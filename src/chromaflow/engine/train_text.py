@@ -6,9 +6,11 @@ scale. Each caption's content (count and named size of every colour-shape pair, 
 tokens, averaged over the caption, must predict them through one linear layer, so the tokens the DiT attends to
 carry the content linearly, with colours bound to their shapes, and say the same thing in en / zh / ru.
 The average cannot bind on its own ("a red square and a blue circle" averages like "a red circle and a blue
-square"), so `pair_tokens` > 0 adds a per-token readout: every token scores every colour-shape pair, a pair's
-score is the best token's, and it must say which pairs the caption names. Then some single token has to hold
-each conjunction, which is what the DiT's attention can read.
+square"), so `fact_tokens` > 0 adds a per-token readout: every token scores every fact a caption can state about a
+colour-shape pair (its count, its named size, its side in a relation), a fact's score is the best token's, and it
+must say which facts the caption states. Then some single token has to hold each conjunction ("the red circle is
+the left one"), which is what the DiT's attention can read: an image token on the left finds the token that says
+what belongs there.
 (Trained only through the diffusion loss, the encoder collapsed to a caption-independent output, or stayed too
 weak for the DiT to tell "a red circle" from "a blue square".)
 
@@ -33,7 +35,8 @@ from tqdm.auto import tqdm
 from ..formats.checkpoint import atomic_write
 from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import KINDS, LABEL_HEADS, LANGUAGES, PAIRS, caption, caption_labels, sample_scene, with_filler
+from .shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, caption, caption_labels,
+                     sample_scene, with_filler)
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -44,7 +47,7 @@ class TextTrainConfig:
     steps: int = 2000
     batch_size: int = 128
     filler: float = 0.0  # share of training captions with 1-3 made-up words inserted (shapes.with_filler)
-    pair_tokens: float = 0.0  # weight of the per-token pair readout's loss (PairTokenReadout); 0 = off
+    fact_tokens: float = 0.0  # weight of the per-token fact readout's loss (FactTokenReadout); 0 = off
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -57,8 +60,8 @@ class TextTrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.filler <= 1.0:
             raise ValueError(f"text stage `filler` is a share of captions, 0..1; got {self.filler}")
-        if self.pair_tokens < 0:
-            raise ValueError(f"text stage `pair_tokens` is a loss weight, >= 0 (0 = off); got {self.pair_tokens}")
+        if self.fact_tokens < 0:
+            raise ValueError(f"text stage `fact_tokens` is a loss weight, >= 0 (0 = off); got {self.fact_tokens}")
 
 
 class LabelReadout(nn.Module):
@@ -75,20 +78,40 @@ class LabelReadout(nn.Module):
         return list(self.linear(pooled).split(self.sizes, dim=-1))
 
 
-class PairTokenReadout(nn.Module):
-    """Per token, one logit per (colour, shape) pair; a caption's logit for a pair is its best visible token's."""
+# per (colour, shape) pair, the facts a caption can state about it, by kind: count 1-3, named size, side in a relation
+FACT_KINDS = {"count": 3, "size": len(SIZES), "side": len(RELATIONS)}
+FACTS_PER_PAIR = sum(FACT_KINDS.values())
+
+
+class FactTokenReadout(nn.Module):
+    """Per token, one logit per fact (pairs x FACTS_PER_PAIR); a caption's logit for a fact is its best visible
+    token's."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, len(PAIRS))
+        self.linear = nn.Linear(dim, len(PAIRS) * FACTS_PER_PAIR)
 
     def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
-        return self.linear(embeds).masked_fill(~mask[..., None], float("-inf")).amax(1)  # (B, pairs)
+        return self.linear(embeds).masked_fill(~mask[..., None], float("-inf")).amax(1)  # (B, facts)
 
 
-def named_pairs(labels: Tensor) -> Tensor:
-    """(B, heads) caption labels -> (B, pairs) bool: which (colour, shape) pairs the caption names."""
-    return labels[:, :len(PAIRS)] > 0
+def named_facts(labels: Tensor) -> Tensor:
+    """(B, heads) caption labels -> (B, pairs x FACTS_PER_PAIR) bool: the facts the caption states. A relation
+    "A left of B" gives A the side "left of" and B "right of" (caption_labels keeps it for the lower-numbered pair)."""
+    n = len(PAIRS)
+    count, size, relation = labels[:, :n], labels[:, n:2 * n], labels[:, 2 * n]
+    counts = count[..., None] == torch.arange(1, 4)                                   # (B, pairs, 3)
+    sizes = size[..., None] == torch.arange(1, 1 + len(SIZES))                        # (B, pairs, sizes)
+    sides = torch.zeros(len(labels), n, len(RELATIONS), dtype=torch.bool)
+    rows = (relation > 0).nonzero().flatten()
+    named = count[rows] > 0
+    first = named.int().argmax(1)                          # the lower-numbered pair and the other (the same pair
+    last = n - 1 - named.flip(1).int().argmax(1)           # twice when both objects are alike)
+    rel = relation[rows] - 1
+    inverse = torch.tensor([RELATIONS.index(INVERSE[r]) for r in RELATIONS])[rel]
+    sides[rows, first, rel] = True
+    sides[rows, last, inverse] = True
+    return torch.cat([counts, sizes, sides], -1).flatten(1)
 
 
 def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0
@@ -115,13 +138,17 @@ def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
-             pair_readout: PairTokenReadout | None = None) -> dict:
+             fact_readout: FactTokenReadout | None = None) -> dict:
     """Share of held-out captions (half from templates training never used) with every label right, by language
     and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes); with
-    `pair_readout`, `pair_tokens_by_scene`: share whose named pairs its tokens get exactly right."""
+    `fact_readout`, `fact_tokens_by_scene`: share whose stated facts its tokens get exactly right; `seen_templates`:
+    all-correct share of the same stream worded only with training templates."""
+    def predict(texts):
+        enc = encoder.encode(texts)
+        return enc, torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
+
     texts, labels, languages, kinds = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval")
-    enc = encoder.encode(texts)
-    pred = torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
+    enc, pred = predict(texts)
     right = (pred == labels).all(1)
     report = {"n": n, "all_correct": right.float().mean().item()}
     start = 0
@@ -133,9 +160,16 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
         return {v: ok[torch.tensor([t == v for t in tags])].float().mean().item() for v in values if v in tags}
 
     report = {**report, **share_right(right, languages, LANGUAGES), "by_scene": share_right(right, kinds, KINDS)}
-    if pair_readout is not None:
-        pairs_right = ((pair_readout(enc.embeds, enc.mask) > 0).cpu() == named_pairs(labels)).all(1)
-        report["pair_tokens_by_scene"] = share_right(pairs_right, kinds, KINDS)
+    if fact_readout is not None:
+        right = ((fact_readout(enc.embeds, enc.mask) > 0).cpu() == named_facts(labels)).view(n, len(PAIRS), -1)
+        report["fact_tokens_by_scene"] = share_right(right.flatten(1).all(1), kinds, KINDS)
+        # per kind of fact, the share of captions with that kind right for every pair
+        kinds_right = right.split(list(FACT_KINDS.values()), -1)
+        report["fact_tokens_by_kind"] = {k: r.flatten(1).all(1).float().mean().item()
+                                         for k, r in zip(FACT_KINDS, kinds_right)}
+    # the same stream worded only with training templates: the gap to all_correct is what unseen wording costs
+    texts, labels, *_ = caption_batch(seed + HELD_OUT_SEED, 0, n, split="train")
+    report["seen_templates"] = (predict(texts)[1] == labels).all(1).float().mean().item()
     return report
 
 
@@ -147,8 +181,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     torch.manual_seed(cfg.seed)
     encoder = ByteTextEncoder(ByteTextEncoderConfig(**cfg.encoder)).to(device).train()
     readout = LabelReadout(encoder.out_dim).to(device)
-    pair_readout = PairTokenReadout(encoder.out_dim).to(device) if cfg.pair_tokens else None
-    params = [p for m in (encoder, readout, pair_readout) if m is not None for p in m.parameters()]
+    fact_readout = FactTokenReadout(encoder.out_dim).to(device) if cfg.fact_tokens else None
+    params = [p for m in (encoder, readout, fact_readout) if m is not None for p in m.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
@@ -168,9 +202,9 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
             with bf16_autocast(device):
                 enc = encoder.encode(texts)
                 loss = label_loss(readout(enc.embeds, enc.mask), labels.to(device))
-                if pair_readout is not None:
-                    loss = loss + cfg.pair_tokens * F.binary_cross_entropy_with_logits(
-                        pair_readout(enc.embeds, enc.mask).float(), named_pairs(labels).float().to(device))
+                if fact_readout is not None:
+                    loss = loss + cfg.fact_tokens * F.binary_cross_entropy_with_logits(
+                        fact_readout(enc.embeds, enc.mask).float(), named_facts(labels).float().to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -179,7 +213,7 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 log.write(json.dumps({"step": step, "loss": loss.item(), "elapsed_s": time.time() - started}) + "\n")
     encoder.eval()
-    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed, pair_readout),
+    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed, fact_readout),
               "elapsed_s": time.time() - started}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     encoder.cpu().save(out / "text_encoder")
