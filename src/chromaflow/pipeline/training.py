@@ -51,7 +51,8 @@ PRESETS: dict[str, dict] = {
                        {"steps": 1500, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}}],
             "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "caption_dropout": 0.1,
             "timesteps": "chroma", "checkpoint_every": 250, "sample_every": 500,
-            "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 4.0},
+            # cfg 6 against 4, on the shipped model, n=50: single-object all-correct 60 -> 63%, overall 26 -> 28%
+            "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 6.0},
         },
         "eval": {"n_per_category": 50},
     },
