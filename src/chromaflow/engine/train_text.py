@@ -100,7 +100,7 @@ def named_facts(labels: Tensor) -> Tensor:
     "A left of B" gives A the side "left of" and B "right of" (caption_labels keeps it for the lower-numbered pair)."""
     n = len(PAIRS)
     count, size, relation = labels[:, :n], labels[:, n:2 * n], labels[:, 2 * n]
-    counts = count[..., None] == torch.arange(1, 4)                                   # (B, pairs, 3)
+    counts = count[..., None] == torch.arange(1, 1 + FACT_KINDS["count"])            # (B, pairs, 3)
     sizes = size[..., None] == torch.arange(1, 1 + len(SIZES))                        # (B, pairs, sizes)
     sides = torch.zeros(len(labels), n, len(RELATIONS), dtype=torch.bool)
     rows = (relation > 0).nonzero().flatten()
@@ -142,7 +142,7 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
     """Share of held-out captions (half from templates training never used) with every label right, by language
     and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes); with
     `fact_readout`, `fact_tokens_by_scene`: share whose stated facts its tokens get exactly right; `seen_templates`:
-    all-correct share of the same stream worded only with training templates."""
+    all-correct share of held-out scenes worded only with training templates."""
     def predict(texts):
         enc = encoder.encode(texts)
         return enc, torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
@@ -161,13 +161,14 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
 
     report = {**report, **share_right(right, languages, LANGUAGES), "by_scene": share_right(right, kinds, KINDS)}
     if fact_readout is not None:
-        right = ((fact_readout(enc.embeds, enc.mask) > 0).cpu() == named_facts(labels)).view(n, len(PAIRS), -1)
-        report["fact_tokens_by_scene"] = share_right(right.flatten(1).all(1), kinds, KINDS)
+        stated = (fact_readout(enc.embeds, enc.mask) > 0).cpu()
+        facts_right = (stated == named_facts(labels)).view(n, len(PAIRS), -1)
+        report["fact_tokens_by_scene"] = share_right(facts_right.flatten(1).all(1), kinds, KINDS)
         # per kind of fact, the share of captions with that kind right for every pair
-        kinds_right = right.split(list(FACT_KINDS.values()), -1)
+        kinds_right = facts_right.split(list(FACT_KINDS.values()), -1)
         report["fact_tokens_by_kind"] = {k: r.flatten(1).all(1).float().mean().item()
                                          for k, r in zip(FACT_KINDS, kinds_right)}
-    # the same stream worded only with training templates: the gap to all_correct is what unseen wording costs
+    # held-out scenes worded only with training templates: the gap to all_correct is what unseen wording costs
     texts, labels, *_ = caption_batch(seed + HELD_OUT_SEED, 0, n, split="train")
     report["seen_templates"] = (predict(texts)[1] == labels).all(1).float().mean().item()
     return report
