@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from ..formats.checkpoint import atomic_write
 from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, caption, caption_labels,
-                     sample_scene, with_filler)
+from .shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, caption, caption_labels, sample_scene,
+                     with_filler)
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -78,9 +78,12 @@ class LabelReadout(nn.Module):
         return list(self.linear(pooled).split(self.sizes, dim=-1))
 
 
-# per (colour, shape) pair, the facts a caption can state about it, by kind: count 1-3, named size, side in a relation
-FACT_KINDS = {"count": 3, "size": len(SIZES), "side": len(RELATIONS)}
+# per (colour, shape) pair, the facts a caption can state about it, by kind: each non-zero class of its count and
+# size labels (count 1-3, a named size), and its side in a relation
+_CLASSES = {name: classes for name, classes, _ in LABEL_HEADS}
+FACT_KINDS = {"count": _CLASSES["count"] - 1, "size": _CLASSES["size"] - 1, "side": len(RELATIONS)}
 FACTS_PER_PAIR = sum(FACT_KINDS.values())
+_INVERSE_SIDE = torch.tensor([RELATIONS.index(INVERSE[r]) for r in RELATIONS])  # relation index -> its inverse's
 
 
 class FactTokenReadout(nn.Module):
@@ -101,16 +104,15 @@ def named_facts(labels: Tensor) -> Tensor:
     n = len(PAIRS)
     count, size, relation = labels[:, :n], labels[:, n:2 * n], labels[:, 2 * n]
     counts = count[..., None] == torch.arange(1, 1 + FACT_KINDS["count"])            # (B, pairs, 3)
-    sizes = size[..., None] == torch.arange(1, 1 + len(SIZES))                        # (B, pairs, sizes)
+    sizes = size[..., None] == torch.arange(1, 1 + FACT_KINDS["size"])                # (B, pairs, sizes)
     sides = torch.zeros(len(labels), n, len(RELATIONS), dtype=torch.bool)
     rows = (relation > 0).nonzero().flatten()
     named = count[rows] > 0
     first = named.int().argmax(1)                          # the lower-numbered pair and the other (the same pair
     last = n - 1 - named.flip(1).int().argmax(1)           # twice when both objects are alike)
     rel = relation[rows] - 1
-    inverse = torch.tensor([RELATIONS.index(INVERSE[r]) for r in RELATIONS])[rel]
     sides[rows, first, rel] = True
-    sides[rows, last, inverse] = True
+    sides[rows, last, _INVERSE_SIDE[rel]] = True
     return torch.cat([counts, sizes, sides], -1).flatten(1)
 
 
