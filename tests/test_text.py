@@ -84,10 +84,10 @@ def test_byte_encoder_shapes_and_gradients():
     assert all(p.grad is not None for p in enc.parameters())
 
 
-@pytest.mark.parametrize("pool, pool_kernel", [(1, 0), (4, 0), (4, 8)])
-def test_byte_encoder_padding_invariance(pool, pool_kernel):
+@pytest.mark.parametrize("pool, pool_kernel, rope_theta", [(1, 0, 0), (4, 0, 0), (4, 8, 0), (4, 8, 100)])
+def test_byte_encoder_padding_invariance(pool, pool_kernel, rope_theta):
     torch.manual_seed(0)
-    enc = ByteTextEncoder(replace(TINY, pool=pool, pool_kernel=pool_kernel)).eval()
+    enc = ByteTextEncoder(replace(TINY, pool=pool, pool_kernel=pool_kernel, rope_theta=rope_theta)).eval()
     prompts = ["a red circle", "зелёный", "圆"]
     with torch.no_grad():
         full = enc.encode(prompts, padding="max_length")
@@ -181,3 +181,17 @@ def test_byte_encoder_pooling_merges_bytes_into_fewer_tokens():
     enc = ByteTextEncoder(replace(TINY, pool=4))
     out = enc.encode(["a red circle", "круг"])  # 12 and 8 bytes + EOS
     assert out.embeds.shape[1] == 5 and out.mask.sum(1).tolist() == [4, 3]  # ceil(13/4) + one pad group
+
+
+@pytest.mark.parametrize("rope_theta", [0, 100])
+def test_byte_encoder_rope_lets_a_token_see_word_order(rope_theta):
+    # with the absolute positions zeroed, attention alone is blind to order: the middle byte of "xay" and of "yax"
+    # comes out the same; rotary positions make it depend on which neighbour stands on which side
+    torch.manual_seed(0)
+    enc = ByteTextEncoder(replace(TINY, rope_theta=rope_theta)).eval()
+    with torch.no_grad():
+        enc.pos.zero_()
+        a, b = enc.encode(["xay", "yax"]).embeds[:, 1]
+    assert torch.allclose(a, b, atol=1e-5) == (rope_theta == 0)
+    with pytest.raises(ValueError, match="rope_theta"):
+        replace(TINY, rope_theta=-1.0)

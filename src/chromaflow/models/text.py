@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
 from .precision import run_fast
+from .transformer import apply_rope, rope
 
 MARKER = "chromaflow_model"  # config.json field that identifies our own encoder folders
 WEIGHTS_NAME = "model.safetensors"
@@ -95,6 +96,9 @@ class ByteTextEncoderConfig:
     # width of that conv; 0 = pool. Wider groups overlap their neighbours, so a word cut by the grid is still seen
     # whole (held-out all-correct +11 points at 1500 steps, pool 4: width 8 against 4)
     pool_kernel: int = 0
+    # > 0: rotary positions (this base) on the tokens' attention, so each token sees where words stand relative to
+    # it; 0: only the learned absolute positions added to the bytes
+    rope_theta: float = 0.0
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -104,6 +108,9 @@ class ByteTextEncoderConfig:
                              f"an even number (the overlap is split evenly on both sides)")
         if self.vocab_size < ByteTokenizer.vocab_size:
             raise ValueError(f"vocab_size must be >= {ByteTokenizer.vocab_size}, got {self.vocab_size}")
+        if self.rope_theta < 0 or (self.rope_theta and (self.width // self.heads) % 2):
+            raise ValueError(f"rope_theta must be >= 0 (0 = off) and needs an even head width (width / heads); got "
+                             f"rope_theta {self.rope_theta}, head width {self.width // self.heads}")
 
     @property
     def pool_width(self) -> int:
@@ -122,9 +129,11 @@ class _Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor, pe: Tensor | None) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if pe is not None:
+            q, k = apply_rope(q, pe), apply_rope(k, pe)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
@@ -164,8 +173,12 @@ class ByteTextEncoder(nn.Module):
             x = self.downsample((x * mask[..., None]).transpose(1, 2)).transpose(1, 2)
             mask = mask.view(mask.shape[0], -1, p).any(-1)
         key_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees only real tokens
+        pe = None
+        if self.config.rope_theta:
+            pos = torch.arange(x.shape[1], device=x.device)[None]
+            pe = rope(pos, self.config.width // self.config.heads, self.config.rope_theta)[:, :, None]
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, key_mask, pe)
         return self.out(self.norm_out(x)), mask
 
     def encode(self, prompts: list[str], padding: str = "longest") -> TextEncoding:
