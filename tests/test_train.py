@@ -331,9 +331,14 @@ def test_contrastive_weight_repels_captioned_predictions_from_the_next_samples_t
 
 def test_every_preset_recipe_is_a_valid_training_config():
     from chromaflow.engine.train import transformer_params
+    from chromaflow.engine.train_text import TextTrainConfig
+    from chromaflow.models.text import ByteTextEncoderConfig
     from chromaflow.pipeline.training import PRESETS, recipe
     for name in PRESETS:
         cfg = TrainConfig.from_dict(recipe(name)["train"])
         params = transformer_params(cfg)
         assert params.head_dim == sum(params.axes_dim), name  # RoPE covers each head exactly
         assert cfg.total_steps == sum(s.steps for s in cfg.stage_list)
+        if "text" in recipe(name):  # the text stage's settings and its encoder's are valid too
+            text = TextTrainConfig(**recipe(name)["text"])
+            ByteTextEncoderConfig(**text.encoder)
