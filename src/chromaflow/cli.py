@@ -132,12 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train a model (the built-in one: --preset default)",
-                       description="Rectified-flow training. A preset (default, quick, tiny) or a JSON config; resumes "
+                       description="Rectified-flow training. A preset or a JSON config; resumes "
                        "from the newest checkpoint in the output folder unless --restart. Ctrl-C saves and exits; so "
                        "does --hours, for training across several sittings.")
     t.add_argument("config", nargs="?", help="JSON training config")
     t.add_argument("--preset", help="a built-in recipe: default (the built-in model), quick (its one-hour version), "
-                   "tiny (seconds, for tests)")
+                   "v4 (the candidate for the next built-in model), v2 (the built-in model before default), tiny (seconds, for tests)")
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
     t.add_argument("--hours", type=float, help="save a checkpoint and exit after this many hours of transformer "
