@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                        "does --hours, for training across several sittings.")
     t.add_argument("config", nargs="?", help="JSON training config")
     t.add_argument("--preset", help="a built-in recipe: default (the built-in model), quick (its one-hour version), "
-                   "v4 (the candidate for the next built-in model), v2 (the built-in model before default), tiny (seconds, for tests)")
+                   "v4 (the candidate for the next built-in model), v2 (the built-in model before default), "
+                   "tiny (seconds, for tests)")
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
     t.add_argument("--hours", type=float, help="save a checkpoint and exit after this many hours of transformer "
