@@ -335,10 +335,11 @@ def test_every_preset_recipe_is_a_valid_training_config():
     from chromaflow.models.text import ByteTextEncoderConfig
     from chromaflow.pipeline.training import PRESETS, recipe
     for name in PRESETS:
-        cfg = TrainConfig.from_dict(recipe(name)["train"])
+        spec = recipe(name)
+        cfg = TrainConfig.from_dict(spec["train"])
         params = transformer_params(cfg)
         assert params.head_dim == sum(params.axes_dim), name  # RoPE covers each head exactly
         assert cfg.total_steps == sum(s.steps for s in cfg.stage_list)
-        if "text" in recipe(name):  # the text stage's settings and its encoder's are valid too
-            text = TextTrainConfig(**recipe(name)["text"])
+        if "text" in spec:  # the text stage's settings and its encoder's are valid too
+            text = TextTrainConfig(**spec["text"])
             ByteTextEncoderConfig(**text.encoder)

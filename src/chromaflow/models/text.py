@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..formats.checkpoint import atomic_write, save_checkpoint
 from .precision import run_fast
-from .transformer import apply_rope, rope
+from .transformer import apply_rope, position_embedding
 
 MARKER = "chromaflow_model"  # config.json field that identifies our own encoder folders
 WEIGHTS_NAME = "model.safetensors"
@@ -108,9 +108,13 @@ class ByteTextEncoderConfig:
                              f"an even number (the overlap is split evenly on both sides)")
         if self.vocab_size < ByteTokenizer.vocab_size:
             raise ValueError(f"vocab_size must be >= {ByteTokenizer.vocab_size}, got {self.vocab_size}")
-        if self.rope_theta < 0 or (self.rope_theta and (self.width // self.heads) % 2):
+        if self.rope_theta < 0 or (self.rope_theta and self.head_width % 2):
             raise ValueError(f"rope_theta must be >= 0 (0 = off) and needs an even head width (width / heads); got "
-                             f"rope_theta {self.rope_theta}, head width {self.width // self.heads}")
+                             f"rope_theta {self.rope_theta}, head width {self.head_width}")
+
+    @property
+    def head_width(self) -> int:
+        return self.width // self.heads
 
     @property
     def pool_width(self) -> int:
@@ -174,9 +178,9 @@ class ByteTextEncoder(nn.Module):
             mask = mask.view(mask.shape[0], -1, p).any(-1)
         key_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees only real tokens
         pe = None
-        if self.config.rope_theta:
-            pos = torch.arange(x.shape[1], device=x.device)[None]
-            pe = rope(pos, self.config.width // self.config.heads, self.config.rope_theta)[:, :, None]
+        if self.config.rope_theta:  # one position axis: the token index
+            ids = torch.arange(x.shape[1], device=x.device)[None, :, None]
+            pe = position_embedding(ids, (self.config.head_width,), self.config.rope_theta)
         for block in self.blocks:
             x = block(x, key_mask, pe)
         return self.out(self.norm_out(x)), mask
