@@ -24,6 +24,16 @@ def test_caption_batches_are_deterministic_and_mix_languages():
     assert all(two_pairs[i] == (k in ("two", "relation")) for i, k in enumerate(kinds))  # ... for two-object scenes
 
 
+def test_kind_weights_set_the_scene_mix_of_training_captions():
+    *_, kinds = caption_batch(0, 5, 200, kind_weights=[0, 0, 1, 0])
+    assert set(kinds) == {"relation"}
+    *_, kinds = caption_batch(0, 5, 400, kind_weights=[1, 0, 3, 0])
+    assert set(kinds) == {"single", "relation"} and 0.65 < kinds.count("relation") / 400 < 0.85
+    for bad in ([1, 1, 1], [1, -1, 1, 1], [0, 0, 0, 0]):
+        with pytest.raises(ValueError, match="kind_weights"):
+            TextTrainConfig(kind_weights=bad)
+
+
 def test_filler_words_are_made_up_and_leave_the_content_words_whole():
     plain, labels, *_ = caption_batch(0, 3, 60)
     noisy, noisy_labels, *_ = caption_batch(0, 3, 60, filler=1.0)

@@ -48,6 +48,7 @@ class TextTrainConfig:
     batch_size: int = 128
     filler: float = 0.0  # share of training captions with 1-3 made-up words inserted (shapes.with_filler)
     fact_tokens: float = 0.0  # weight of the per-token fact readout's loss (FactTokenReadout); 0 = off
+    kind_weights: list | None = None  # training captions' scene-kind mix over shapes.KINDS; None = the world's own
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -62,6 +63,10 @@ class TextTrainConfig:
             raise ValueError(f"text stage `filler` is a share of captions, 0..1; got {self.filler}")
         if self.fact_tokens < 0:
             raise ValueError(f"text stage `fact_tokens` is a loss weight, >= 0 (0 = off); got {self.fact_tokens}")
+        if self.kind_weights is not None and (len(self.kind_weights) != len(KINDS) or min(self.kind_weights) < 0
+                                              or sum(self.kind_weights) <= 0):
+            raise ValueError(f"text stage `kind_weights`: {len(KINDS)} non-negative weights for {', '.join(KINDS)}, "
+                             f"not all 0; got {self.kind_weights}")
 
 
 class LabelReadout(nn.Module):
@@ -116,14 +121,15 @@ def named_facts(labels: Tensor) -> Tensor:
     return torch.cat([counts, sizes, sides], -1).flatten(1)
 
 
-def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0
+def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0, kind_weights=None
                   ) -> tuple[list[str], Tensor, list[str], list[str]]:
     """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages, scene kinds);
-    a `filler` share of them with made-up words inserted."""
+    a `filler` share of them with made-up words inserted; `kind_weights` over KINDS (None: the world's mix)."""
     rng = np.random.default_rng([seed, step])
+    weights = None if kind_weights is None else np.asarray(kind_weights, dtype=np.float64) / sum(kind_weights)
     texts, labels, languages, kinds = [], [], [], []
     for _ in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, None if weights is None else KINDS[int(rng.choice(len(KINDS), p=weights))])
         text, language, sized = caption(scene, rng, split=split, with_sized=True)
         if filler and rng.random() < filler:
             text = with_filler(text, language, rng)
@@ -199,7 +205,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     bar = tqdm(range(cfg.steps), desc="text encoder", disable=not progress)
     with atomic_write(out / "metrics.jsonl", "w") as log:
         for step in bar:
-            texts, labels, *_ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler)
+            texts, labels, *_ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler,
+                                              kind_weights=cfg.kind_weights)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with bf16_autocast(device):
