@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .models.memory import keep_freed_memory
+
 
 def _multiple_of_16(text: str) -> int:
     value = int(text)
@@ -354,6 +356,7 @@ def cmd_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_freed_memory()  # a CLI process runs one job: reusing freed blocks beats returning them (models.memory)
     try:
         commands = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
                     "convert": cmd_convert, "bench": cmd_bench, "serve": cmd_serve}
