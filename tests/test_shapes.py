@@ -170,3 +170,18 @@ def test_shape_labels_mark_each_objects_pixels_with_its_shape():
         assert ((labels > 0) == off_background).mean() > 0.97  # they differ only on anti-aliased edge pixels
     world = ShapesDataset(seed=5, size=64)
     assert np.array_equal(world.labels(7), shape_labels(world.scene(7)[0], 64))
+
+
+def test_caption_owners_mark_each_objects_phrase():
+    words = {"en": ("red", "circle", "blue", "star"), "zh": ("红色", "圆形", "蓝色", "五角星"),
+             "ru": ("красн", "круг", "син", "зв")}
+    rel = _pair("star", "black")  # the red circle (object 0) left of the blue star (object 1)
+    for lang, (red, circle, blue, star) in words.items():
+        for seed in range(40):
+            text, owners = describe(rel, lang, np.random.default_rng(seed), split="eval", with_owners=True)
+            assert text == describe(rel, lang, np.random.default_rng(seed), split="eval")  # same draws, same text
+            assert len(owners) == len(text)
+            phrase = {k: "".join(c for c, o in zip(text.lower(), owners) if o == k) for k in (-1, 0, 1)}
+            assert red in phrase[0] and circle in phrase[0] and blue not in phrase[0], (text, phrase)
+            assert blue in phrase[1] and star in phrase[1] and red not in phrase[1], (text, phrase)
+            assert not any(w in phrase[-1] for w in (red, circle, blue, star)), (text, phrase)  # background, etc.

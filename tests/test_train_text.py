@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from chromaflow.engine.shapes import (KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, Obj, Scene,
+from chromaflow.engine.shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, Obj, Scene,
                                       caption_labels, with_filler)
-from chromaflow.engine.train_text import (FACT_KINDS, FACTS_PER_PAIR, FactTokenReadout, TextTrainConfig,
-                                          caption_batch, named_facts, train_text_encoder)
+from chromaflow.engine.train_text import (FACT_KINDS, FACTS_PER_PAIR, SPAN_HEADS, FactTokenReadout, TextTrainConfig,
+                                          caption_batch, named_facts, span_targets, train_text_encoder)
 from chromaflow.models.text import ByteTextEncoder, load_text_encoder
 
 
@@ -87,9 +87,36 @@ def test_facts_bind_count_size_and_side_to_each_pair():
     assert [int(n) for n in sides.sum((1, 2))] == [2 if k == "relation" else 0 for k in kinds]
 
 
+def test_span_targets_give_each_token_the_facts_of_the_object_most_of_its_bytes_name():
+    red, blue = (3, 1, 1, 1), (7, 0, 1, 2)  # (pair, size, count, side) of objects 0 and 1
+    text = "xxxxAAAAyyBBBBBB"  # one token of template words, one of A, one split 2:2 (-> B), one of B
+    owners = [-1] * 4 + [0] * 4 + [-1] * 2 + [1] * 6
+    none = [len(PAIRS), -100, -100, -100]
+    targets = span_targets([text], [owners], [[red, blue]], pool=4, max_length=64, tokens=6)
+    assert targets[0].tolist() == [none, list(red), list(blue), list(blue), none, [-100] * 4]  # ..., EOS, past it
+    # bytes, not characters: a Chinese character is 3 bytes; truncation keeps max_length - 1 bytes and the EOS
+    targets = span_targets(["红红x"], [[0, 0, -1]], [[red]], pool=4, max_length=5, tokens=2)
+    assert targets[0].tolist() == [list(red), none]  # bytes 0-3, then the EOS alone
+
+
+def test_caption_spans_name_each_relation_object_with_its_own_side():
+    texts, labels, _, kinds, spans = caption_batch(0, 2, 60, spans=True)
+    for text, kind, (owners, facts) in zip(texts, kinds, spans):
+        assert len(owners) == len(text) and set(owners) - {-1} == set(range(len(facts)))
+        assert len(facts) == (2 if kind in ("two", "relation") else 1)
+        sides = [f[3] for f in facts]
+        if kind == "relation":  # one object's side is the other's inverse
+            assert RELATIONS[sides[1] - 1] == INVERSE[RELATIONS[sides[0] - 1]]
+        else:
+            assert sides == [0] * len(facts)
+    with pytest.raises(ValueError, match="filler"):
+        caption_batch(0, 2, 4, filler=0.5, spans=True)
+
+
 def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_path):
     cfg = TextTrainConfig(encoder={"width": 32, "depth": 1, "heads": 2, "max_length": 96, "pool": 2}, steps=120,
-                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30, fact_tokens=0.5)
+                          batch_size=32, lr=3e-3, warmup=10, log_every=10, eval_captions=30, fact_tokens=0.5,
+                          span_tokens=0.5)
     folder = train_text_encoder(cfg, tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]  # well below the start (chance on every head)
@@ -99,11 +126,15 @@ def test_the_encoder_learns_the_labels_and_is_saved_as_a_loadable_folder(tmp_pat
     assert set(report["fact_tokens_by_scene"]) == set(KINDS)
     assert set(report["fact_tokens_by_kind"]) == set(FACT_KINDS)
     assert 0.0 <= report["seen_templates"] <= 1.0
+    assert set(report["span_tokens"]) == {name for name, _ in SPAN_HEADS} | {"relation_sides"}
+    assert all(0.0 <= v <= 1.0 for v in report["span_tokens"].values())
     encoder = load_text_encoder(folder)
     assert isinstance(encoder, ByteTextEncoder) and encoder.config.pool == 2
 
 
-@pytest.mark.parametrize("field, value", [("filler", 1.5), ("fact_tokens", -0.1)])
-def test_bad_text_stage_settings_are_refused_by_name(field, value):
+@pytest.mark.parametrize("settings, field", [({"filler": 1.5}, "filler"), ({"fact_tokens": -0.1}, "fact_tokens"),
+                                             ({"span_tokens": -1.0}, "span_tokens"),
+                                             ({"span_tokens": 0.5, "filler": 0.2}, "span_tokens")])
+def test_bad_text_stage_settings_are_refused_by_name(settings, field):
     with pytest.raises(ValueError, match=field):
-        TextTrainConfig(**{field: value})
+        TextTrainConfig(**settings)

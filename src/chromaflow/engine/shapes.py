@@ -378,12 +378,43 @@ _TEMPLATES = {
 }
 
 
-def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool = True, split: str = "train") -> str:
+def slot_owner(slot: str) -> int:
+    """Which object a template slot names: 0 (objects[0], or a count scene's group), 1, or -1 (relation words and
+    Russian agreement words). Russian `rel_B` / `inv_A` hold the relation's preposition and the object after it."""
+    if slot in ("rel", "inv", "pos") or slot in _RU_AGREE:
+        return -1
+    if slot.endswith(("_A", "_B")):
+        return "AB".index(slot[-1])
+    return 1 if slot[0] in "bB" else 0
+
+
+_OPEN, _CLOSE = ("\ue000", "\ue001"), "\ue002"  # private-use marks around each object's slot while filling
+
+
+def _fill(template: str, slots: dict) -> tuple[str, list[int]]:
+    """Format `template`; also return, per character of the result, the object it names (slot_owner, -1 for the
+    template's own words)."""
+    marked = template.format(**{k: v if slot_owner(k) < 0 else _OPEN[slot_owner(k)] + v + _CLOSE
+                                for k, v in slots.items()})
+    text, owners, owner = [], [], -1
+    for ch in marked:
+        if ch in _OPEN or ch == _CLOSE:
+            owner = _OPEN.index(ch) if ch in _OPEN else -1
+        else:
+            text.append(ch)
+            owners.append(owner)
+    return "".join(text), owners
+
+
+def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool = True, split: str = "train",
+             with_owners: bool = False):
     """Caption `scene` in `language`; sized: name every object's size class; split "eval" draws half of its
-    captions from templates never used in training."""
+    captions from templates never used in training. with_owners: (text, owners), owners[i] the object character i
+    names (0, 1; -1 for other words)."""
     train, held = _TEMPLATES[language][scene.kind]
     pool = train if split == "train" else (held if rng.random() < 0.5 else train)
-    text = _pick(rng, pool).format(**_slots(language, scene, sized, rng))
+    template = _pick(rng, pool)
+    text, owners = _fill(template, _slots(language, scene, sized, rng))
     if scene.background != "default":
         words = _EN if language == "en" else _ZH if language == "zh" else None
         if words:
@@ -392,24 +423,27 @@ def describe(scene: Scene, language: str, rng: np.random.Generator, sized: bool 
             loc, nom = _RU_BG[scene.background]
             text += _pick(rng, (f" на {loc} фоне", f", {nom} фон", f", фон {nom}"))
     if language == "zh":
-        return text + ("。" if rng.random() < 0.2 else "")
-    if rng.random() < 0.35:
-        text = text[0].upper() + text[1:]
-    return text + ("." if rng.random() < 0.2 else "")
+        text += "。" if rng.random() < 0.2 else ""
+    else:
+        if rng.random() < 0.35:
+            text = text[0].upper() + text[1:]
+        text += "." if rng.random() < 0.2 else ""
+    owners += [-1] * (len(text) - len(owners))
+    return (text, owners) if with_owners else text
 
 
 SIZE_MENTION = 0.6  # share of captions that name each object's size class
 
 
 def caption(scene: Scene, rng: np.random.Generator, language: str | None = None, languages=LANGUAGES,
-            weights=None, split: str = "train", with_sized: bool = False):
+            weights=None, split: str = "train", with_sized: bool = False, with_owners: bool = False):
     """(text, language): a random template, language (from `languages`/`weights` unless given) and size mention;
-    with_sized adds whether the sizes were named: (text, language, sized)."""
+    with_sized adds whether the sizes were named: (text, language, sized); with_owners adds describe's owners."""
     if language is None:
         language = languages[int(rng.choice(len(languages), p=_normalise(weights, len(languages))))]
     sized = bool(rng.random() < SIZE_MENTION)
-    text = describe(scene, language, rng, sized=sized, split=split)
-    return (text, language, sized) if with_sized else (text, language)
+    text, owners = describe(scene, language, rng, sized=sized, split=split, with_owners=True)
+    return (text, language) + ((sized,) if with_sized else ()) + ((owners,) if with_owners else ())
 
 
 def _strings(value):

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from ..formats.checkpoint import atomic_write
 from ..models.precision import bf16_autocast
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig
-from .shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, caption, caption_labels, sample_scene,
-                     with_filler)
+from .shapes import (INVERSE, KINDS, LABEL_HEADS, LANGUAGES, PAIRS, RELATIONS, SIZES, caption, caption_labels,
+                     sample_scene, with_filler)
 
 HELD_OUT_SEED = 2_000_003  # captions for the report: a stream training never draws from
 
@@ -49,6 +49,7 @@ class TextTrainConfig:
     filler: float = 0.0  # share of training captions with 1-3 made-up words inserted (shapes.with_filler)
     fact_tokens: float = 0.0  # weight of the per-token fact readout's loss (FactTokenReadout); 0 = off
     kind_weights: list | None = None  # training captions' scene-kind mix over shapes.KINDS; None = the world's own
+    span_tokens: float = 0.0  # weight of the per-token span readout's loss (SpanTokenReadout); 0 = off
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -63,6 +64,9 @@ class TextTrainConfig:
             raise ValueError(f"text stage `filler` is a share of captions, 0..1; got {self.filler}")
         if self.fact_tokens < 0:
             raise ValueError(f"text stage `fact_tokens` is a loss weight, >= 0 (0 = off); got {self.fact_tokens}")
+        if self.span_tokens < 0 or (self.span_tokens and self.filler):
+            raise ValueError(f"text stage `span_tokens` is a loss weight, >= 0 (0 = off), and needs `filler` 0 (made-up "
+                             f"words would shift the spans); got span_tokens {self.span_tokens}, filler {self.filler}")
         if self.kind_weights is not None and (len(self.kind_weights) != len(KINDS) or min(self.kind_weights) < 0
                                               or sum(self.kind_weights) <= 0):
             raise ValueError(f"text stage `kind_weights`: {len(KINDS)} non-negative weights for {', '.join(KINDS)}, "
@@ -121,23 +125,78 @@ def named_facts(labels: Tensor) -> Tensor:
     return torch.cat([counts, sizes, sides], -1).flatten(1)
 
 
-def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0, kind_weights=None
-                  ) -> tuple[list[str], Tensor, list[str], list[str]]:
+# per token of an object's phrase: which (colour, shape) pair it names (or none: a token of the template's own
+# words), and that object's named size, count and side in a relation (none + RELATIONS)
+SPAN_HEADS = (("pair", len(PAIRS) + 1), ("size", _CLASSES["size"]), ("count", _CLASSES["count"]),
+              ("side", 1 + len(RELATIONS)))
+
+
+class SpanTokenReadout(nn.Module):
+    """Per token, logits for every head of SPAN_HEADS: one linear layer, so each token must carry its object's
+    facts itself, the side in a relation included, where the DiT's attention reads them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sizes = [classes for _, classes in SPAN_HEADS]
+        self.linear = nn.Linear(dim, sum(self.sizes))
+
+    def forward(self, embeds: Tensor) -> list[Tensor]:
+        return list(self.linear(embeds).split(self.sizes, dim=-1))
+
+
+def object_facts(scene, sized: bool) -> list[tuple[int, int, int, int]]:
+    """Per object a caption names (shapes.slot_owner 0, 1; a count scene's group is one): what every token of its
+    phrase states, as classes of SPAN_HEADS (pair, named size, count, side)."""
+    named = scene.objects[:1] if scene.kind == "count" else scene.objects
+    facts = []
+    for k, o in enumerate(named):
+        side = 0 if not scene.relation else 1 + RELATIONS.index(scene.relation if k == 0 else INVERSE[scene.relation])
+        facts.append((PAIRS.index((o.color, o.shape)), 1 + list(SIZES).index(o.size) if sized else 0,
+                      len(scene.objects) if scene.kind == "count" else 1, side))
+    return facts
+
+
+def span_targets(texts: list[str], owners: list[list[int]], facts: list[list[tuple]], pool: int, max_length: int,
+                 tokens: int) -> Tensor:
+    """(B, tokens, heads) long targets for SpanTokenReadout. An encoder token covers `pool` bytes (ByteTokenizer:
+    at most max_length - 1 bytes, then EOS); it speaks for the object most of its bytes name, a tie going to the
+    object. Tokens of no object: pair class "none", the other heads ignored (-100); tokens past the caption: -100."""
+    out = torch.full((len(texts), tokens, len(SPAN_HEADS)), -100, dtype=torch.long)
+    for i, (text, owner, fact) in enumerate(zip(texts, owners, facts)):
+        byte_owner = [o for ch, o in zip(text, owner) for _ in ch.encode("utf-8")][: max_length - 1] + [-1]
+        for j in range(min(tokens, -(-len(byte_owner) // pool))):
+            group = byte_owner[j * pool:(j + 1) * pool]
+            k = max((-1, 0, 1), key=lambda o: (group.count(o), o >= 0))
+            out[i, j] = torch.tensor(fact[k]) if k >= 0 else torch.tensor([len(PAIRS), -100, -100, -100])
+    return out
+
+
+def span_loss(logits: list[Tensor], targets: Tensor) -> Tensor:
+    return sum(F.cross_entropy(lg.flatten(0, 1).float(), targets[..., h].flatten(), ignore_index=-100)
+               for h, lg in enumerate(logits)) / len(logits)
+
+
+def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: float = 0.0, kind_weights=None,
+                  spans: bool = False) -> tuple:
     """n captions of random scenes in random languages -> (texts, labels (n, heads) long, languages, scene kinds);
-    a `filler` share of them with made-up words inserted; `kind_weights` over KINDS (None: the world's mix)."""
+    a `filler` share of them with made-up words inserted; `kind_weights` over KINDS (None: the world's mix).
+    spans: a fifth item, per caption (owners, object_facts): which object each character names, and their facts."""
+    if spans and filler:
+        raise ValueError("caption spans are not tracked through filler words")
     rng = np.random.default_rng([seed, step])
     weights = None if kind_weights is None else np.asarray(kind_weights, dtype=np.float64) / sum(kind_weights)
-    texts, labels, languages, kinds = [], [], [], []
+    texts, labels, languages, kinds, span_info = [], [], [], [], []
     for _ in range(n):
         scene = sample_scene(rng, None if weights is None else KINDS[int(rng.choice(len(KINDS), p=weights))])
-        text, language, sized = caption(scene, rng, split=split, with_sized=True)
+        text, language, sized, owners = caption(scene, rng, split=split, with_sized=True, with_owners=True)
         if filler and rng.random() < filler:
             text = with_filler(text, language, rng)
         texts.append(text)
         labels.append(caption_labels(scene, sized))
         languages.append(language)
         kinds.append(scene.kind)
-    return texts, torch.tensor(labels), languages, kinds
+        span_info.append((owners, object_facts(scene, sized)))
+    return (texts, torch.tensor(labels), languages, kinds) + ((span_info,) if spans else ())
 
 
 def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
@@ -146,16 +205,17 @@ def label_loss(logits: list[Tensor], labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
-             fact_readout: FactTokenReadout | None = None) -> dict:
+             fact_readout: FactTokenReadout | None = None, span_readout: SpanTokenReadout | None = None) -> dict:
     """Share of held-out captions (half from templates training never used) with every label right, by language
     and by scene kind (`by_scene`: two-object captions show whether colours are bound to their shapes); with
-    `fact_readout`, `fact_tokens_by_scene`: share whose stated facts its tokens get exactly right; `seen_templates`:
-    all-correct share of held-out scenes worded only with training templates."""
+    `fact_readout`, `fact_tokens_by_scene`: share whose stated facts its tokens get exactly right; with
+    `span_readout`, `span_tokens` (span_report); `seen_templates`: all-correct share of held-out scenes worded only
+    with training templates."""
     def predict(texts):
         enc = encoder.encode(texts)
         return enc, torch.stack([lg.argmax(-1) for lg in readout(enc.embeds, enc.mask)], 1).cpu()
 
-    texts, labels, languages, kinds = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval")
+    texts, labels, languages, kinds, spans = caption_batch(seed + HELD_OUT_SEED, 0, n, split="eval", spans=True)
     enc, pred = predict(texts)
     right = (pred == labels).all(1)
     report = {"n": n, "all_correct": right.float().mean().item()}
@@ -176,9 +236,30 @@ def evaluate(encoder: ByteTextEncoder, readout: LabelReadout, n: int, seed: int,
         kinds_right = facts_right.split(list(FACT_KINDS.values()), -1)
         report["fact_tokens_by_kind"] = {k: r.flatten(1).all(1).float().mean().item()
                                          for k, r in zip(FACT_KINDS, kinds_right)}
+    if span_readout is not None:
+        report["span_tokens"] = span_report(encoder, span_readout, enc, texts, spans, kinds)
     # held-out scenes worded only with training templates: the gap to all_correct is what unseen wording costs
     texts, labels, *_ = caption_batch(seed + HELD_OUT_SEED, 0, n, split="train")
     report["seen_templates"] = (predict(texts)[1] == labels).all(1).float().mean().item()
+    return report
+
+
+def span_report(encoder: ByteTextEncoder, span_readout: SpanTokenReadout, enc, texts: list[str], spans: list,
+                kinds: list[str]) -> dict:
+    """Per head of SPAN_HEADS, the share of tokens right (those it scores); `relation_sides`: the share of relation
+    captions in which both objects' tokens, by majority, name the object's side correctly."""
+    targets = span_targets(texts, *zip(*spans), encoder.config.pool, encoder.max_length, enc.mask.shape[1])
+    predicted = torch.stack([lg.argmax(-1) for lg in span_readout(enc.embeds)], -1).cpu()
+    scored = targets >= 0
+    report = {name: (predicted == targets)[..., h][scored[..., h]].float().mean().item()
+              for h, (name, _) in enumerate(SPAN_HEADS)}
+    side, both = len(SPAN_HEADS) - 1, []
+    pairs = targets[..., 0]
+    for i in (i for i, kind in enumerate(kinds) if kind == "relation"):
+        objects = [pairs[i] == pair for pair, *_ in spans[i][1]]  # each object's tokens (two distinct pairs)
+        both.append(all(bool(m.any()) and predicted[i, m, side].mode().values.item() == targets[i, m, side][0].item()
+                        for m in objects))
+    report["relation_sides"] = sum(both) / max(1, len(both))
     return report
 
 
@@ -191,7 +272,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     encoder = ByteTextEncoder(ByteTextEncoderConfig(**cfg.encoder)).to(device).train()
     readout = LabelReadout(encoder.out_dim).to(device)
     fact_readout = FactTokenReadout(encoder.out_dim).to(device) if cfg.fact_tokens else None
-    params = [p for m in (encoder, readout, fact_readout) if m is not None for p in m.parameters()]
+    span_readout = SpanTokenReadout(encoder.out_dim).to(device) if cfg.span_tokens else None
+    params = [p for m in (encoder, readout, fact_readout, span_readout) if m is not None for p in m.parameters()]
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
@@ -205,8 +287,9 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
     bar = tqdm(range(cfg.steps), desc="text encoder", disable=not progress)
     with atomic_write(out / "metrics.jsonl", "w") as log:
         for step in bar:
-            texts, labels, *_ = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler,
-                                              kind_weights=cfg.kind_weights)
+            batch = caption_batch(cfg.seed, step, cfg.batch_size, filler=cfg.filler, kind_weights=cfg.kind_weights,
+                                  spans=span_readout is not None)
+            texts, labels = batch[:2]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             with bf16_autocast(device):
@@ -215,6 +298,10 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
                 if fact_readout is not None:
                     loss = loss + cfg.fact_tokens * F.binary_cross_entropy_with_logits(
                         fact_readout(enc.embeds, enc.mask).float(), named_facts(labels).float().to(device))
+                if span_readout is not None:
+                    targets = span_targets(texts, *zip(*batch[4]), encoder.config.pool, encoder.max_length,
+                                           enc.mask.shape[1])
+                    loss = loss + cfg.span_tokens * span_loss(span_readout(enc.embeds), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -223,7 +310,8 @@ def train_text_encoder(cfg: TextTrainConfig, out_dir: str | Path, progress: bool
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 log.write(json.dumps({"step": step, "loss": loss.item(), "elapsed_s": time.time() - started}) + "\n")
     encoder.eval()
-    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed, fact_readout),
+    report = {"config": asdict(cfg), "held_out": evaluate(encoder, readout, cfg.eval_captions, cfg.seed, fact_readout,
+                                                          span_readout),
               "elapsed_s": time.time() - started}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     encoder.cpu().save(out / "text_encoder")
