@@ -16,7 +16,8 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():  # like a training step's activations: tensors of 4-48 MB, all freed at its end
     live = [torch.empty(n << 20).fill_(1.0) for n in (1, 3, 9, 2, 12, 5, 8)]
-step()
+for _ in range(3):  # glibc settles where each size goes
+    step()
 start = faults()
 for _ in range(4):
     step()
@@ -33,7 +34,7 @@ def test_freed_tensors_are_reused_instead_of_faulted_in_again():
     pages = 4 * (40 << 22) // resource.getpagesize()  # four steps of 40 M floats
     plain, kept = faults("plain"), faults("keep")
     assert plain > 0.3 * pages, plain   # big tensors mapped afresh, step after step
-    assert kept < 0.02 * pages, kept    # the first step's memory, reused
+    assert kept < 0.05 * pages, kept    # the first steps' memory, reused
 
 
 def test_every_cli_command_keeps_freed_memory():
