@@ -10,7 +10,10 @@ square"), so `fact_tokens` > 0 adds a per-token readout: every token scores ever
 colour-shape pair (its count, its named size, its side in a relation), a fact's score is the best token's, and it
 must say which facts the caption states. Then some single token has to hold each conjunction ("the red circle is
 the left one"), which is what the DiT's attention can read: an image token on the left finds the token that says
-what belongs there.
+what belongs there. That max readout never learned which object a relation puts on which side; `span_tokens` > 0
+adds a dense target that did: every token states the facts of the object its bytes name (its pair, named size,
+count and side; the captioner records which object each character names), so the tokens of "a red circle" in
+"a red circle left of a blue star" must say "left".
 (Trained only through the diffusion loss, the encoder collapsed to a caption-independent output, or stayed too
 weak for the DiT to tell "a red circle" from "a blue square".)
 
