@@ -4,7 +4,7 @@ glibc hands allocations above its mmap threshold (at most 32 MB, however it adap
 unmaps them on free, and trims the heap top back to the kernel; PyTorch's CPU allocator frees every activation
 when a step ends. A training step of the built-in model then faults in and zeroes the same few hundred MB again:
 64,000 page faults a second and 10-20% of the CPU in the kernel, measured on this project's 2-core machine. With
-the thresholds raised, freed blocks are reused: the same run trained 3.7 -> 3.0 s/step. The price is that the
+the thresholds raised, freed blocks are reused: the same run trained 3.7 -> 2.7 s/step. The price is that the
 process keeps its peak memory until it exits, which suits the CLI's one-job processes and the server.
 """
 
