@@ -125,9 +125,12 @@ def _separated_along(relation, a, b) -> bool:
         else (a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
 
 
-def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
-    """A random scene; kind: single (1 object), two (2, no relation), relation (2 + relation), count (2-3 identical)."""
-    kind = kind or KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
+def sample_scene(rng: np.random.Generator, kind: str | None = None, kind_weights=None) -> Scene:
+    """A random scene; kind: single (1 object), two (2, no relation), relation (2 + relation), count (2-3 identical),
+    drawn with `kind_weights` over KINDS (None: KIND_WEIGHTS) unless given."""
+    if kind is None:
+        weights = _normalise(KIND_WEIGHTS if kind_weights is None else kind_weights, len(KINDS))
+        kind = KINDS[int(rng.choice(len(KINDS), p=weights))]
     colors, sizes = list(COLORS), list(SIZES)
     first = (_pick(rng, SHAPES), _pick(rng, colors), _pick(rng, sizes))
     if kind == "single":
@@ -554,7 +557,7 @@ class ShapesDataset:
 
     def scene(self, index: int) -> tuple[Scene, np.random.Generator]:
         rng = np.random.default_rng([self.seed, index])     # training seeds: 2-word entropy; the benchmark uses 4+
-        scene = sample_scene(rng, KINDS[int(rng.choice(len(KINDS), p=self.kind_weights))])
+        scene = sample_scene(rng, kind_weights=self.kind_weights)
         return (scene if self.centre_jitter is None else centre_group(scene, rng, self.centre_jitter)), rng
 
     def __getitem__(self, index: int):

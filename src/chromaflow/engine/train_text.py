@@ -187,10 +187,9 @@ def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: fl
     if spans and filler:
         raise ValueError("caption spans are not tracked through filler words")
     rng = np.random.default_rng([seed, step])
-    weights = None if kind_weights is None else np.asarray(kind_weights, dtype=np.float64) / sum(kind_weights)
     texts, labels, languages, kinds, span_info = [], [], [], [], []
     for _ in range(n):
-        scene = sample_scene(rng, None if weights is None else KINDS[int(rng.choice(len(KINDS), p=weights))])
+        scene = sample_scene(rng, kind_weights=kind_weights)
         text, language, sized, owners = caption(scene, rng, split=split, with_sized=True, with_owners=True)
         if filler and rng.random() < filler:
             text = with_filler(text, language, rng)
@@ -198,7 +197,8 @@ def caption_batch(seed: int, step: int, n: int, split: str = "train", filler: fl
         labels.append(caption_labels(scene, sized))
         languages.append(language)
         kinds.append(scene.kind)
-        span_info.append((owners, object_facts(scene, sized)))
+        if spans:
+            span_info.append((owners, object_facts(scene, sized)))
     return (texts, torch.tensor(labels), languages, kinds) + ((span_info,) if spans else ())
 
 
