@@ -343,3 +343,29 @@ def test_every_preset_recipe_is_a_valid_training_config():
         if "text" in spec:  # the text stage's settings and its encoder's are valid too
             text = TextTrainConfig(**spec["text"])
             ByteTextEncoderConfig(**text.encoder)
+
+
+def test_the_shipped_builtin_model_is_the_default_recipe_within_the_size_and_time_limits():
+    import re
+    from chromaflow import BUILTIN_DIR
+    from chromaflow.engine.train import transformer_params
+    from chromaflow.formats.layouts import infer_params
+    from chromaflow.pipeline.training import recipe
+    spec = recipe("default")
+    card = (BUILTIN_DIR / "README.md").read_text()
+    assert "Trained by `chromaflow train --preset default`" in card
+    assert f"- steps: {TrainConfig.from_dict(spec['train']).total_steps} " in card
+    hours = float(re.search(r"training wall time: ([\d.]+) h in all", card).group(1))
+    assert hours <= 6.0  # issue 3: the whole recipe within 6 hours of the 2-core machine
+    assert sum(f.stat().st_size for f in BUILTIN_DIR.rglob("*") if f.is_file()) <= 30 * 2**20
+    text_config = json.loads((BUILTIN_DIR / "text_encoder" / "config.json").read_text())
+    assert {k: text_config[k] for k in spec["text"]["encoder"]} == spec["text"]["encoder"]  # the recipe's encoder
+    with safe_open(BUILTIN_DIR / "transformer.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        params = infer_params(shapes, f.metadata())
+    expected = transformer_params(TrainConfig.from_dict(spec["train"]))
+    assert (params.hidden_size, params.depth, params.depth_single_blocks) == (
+        expected.hidden_size, expected.depth, expected.depth_single_blocks)
+    model = json.loads((BUILTIN_DIR / "model.json").read_text())
+    assert model["name"] == "default" and {k: model["defaults"][k] for k in spec["train"]["defaults"]} == \
+        spec["train"]["defaults"]

@@ -32,8 +32,14 @@ SAMPLE_LABELS = SAMPLE_PROMPTS[:3] + ["ru: three orange circles", "zh: a purple 
 PRESETS: dict[str, dict] = {
     "default": {
         "vae": "builtin",  # train_vae.train_builtin_vae: two stages, ~25 min ({"builtin": {...}} edits its layers)
-        "text": {"encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},  # train_text
-                 "steps": 3000, "batch_size": 64, "lr": 2e-3},
+        # train_text: an encoder that sees word order (rotary positions), binds colours to shapes per token
+        # (fact_tokens) and has every token of an object's phrase state that object's facts, its side in a relation
+        # included (span_tokens), on relation-heavy captions (55%, against the world's 25%): held-out captions all
+        # right 80%, relation captions 65%, both objects' sides right 91% (README, Train)
+        "text": {"encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4, "pool_kernel": 8,
+                             "rope_theta": 100},
+                 "steps": 3000, "batch_size": 64, "lr": 2e-3,
+                 "fact_tokens": 0.3, "span_tokens": 1.0, "kind_weights": [0.15, 0.15, 0.55, 0.15]},
         "train": {
             "name": "default",
             # 16 attention heads of width 16 (more RoPE probes per block); positions that scale with the image
@@ -51,7 +57,7 @@ PRESETS: dict[str, dict] = {
                        {"steps": 1500, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}}],
             "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "caption_dropout": 0.1,
             "timesteps": "chroma", "checkpoint_every": 250, "sample_every": 500,
-            # cfg 6 against 4, on the shipped model, n=50: single-object all-correct 60 -> 63%, overall 26 -> 28%
+            # cfg 6 against 4, on the v3 model, n=50: single-object all-correct 60 -> 63%, overall 26 -> 28%
             "defaults": {"width": 256, "height": 256, "steps": 20, "cfg": 6.0},
         },
         "eval": {"n_per_category": 50},
@@ -79,19 +85,19 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
     "stages": [{"steps": 900, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
-# the candidate for the next built-in model: the default with a text encoder that sees word order (rotary positions),
-# binds colours to shapes per token (fact_tokens; in a 128 px proxy two-object colour / shape went 44 / 22 -> 61 / 42%
-# against the default's encoder, single-object prompts 28 -> 19%) and has every token of an object's phrase state
-# that object's facts, its side in a relation included (span_tokens), on relation-heavy captions (55%, against the
-# world's 25%): held-out captions all right 80%, relation captions 65%, both objects' sides right 91% (README, Train)
-PRESETS["v4"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v4"}, "text": {
-    **PRESETS["default"]["text"], "fact_tokens": 0.3, "span_tokens": 1.0, "kind_weights": [0.15, 0.15, 0.55, 0.15],
-    "encoder": {**PRESETS["default"]["text"]["encoder"], "pool_kernel": 8, "rope_theta": 100}}}
+# the shipped model's run used this name before its recipe became the default
+PRESETS["v4"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v4"}}
 
-# the built-in model before the current default (v3): 4 heads of width 64, one RoPE position per token, objects
-# placed anywhere, no shape-label loss
-PRESETS["v2"] = {**PRESETS["default"], "train": {
-    **{k: v for k, v in PRESETS["default"]["train"].items() if k != "label_loss"}, "name": "v2",
+# the built-in model before the current one (v3): its text encoder has learned absolute positions only and is read
+# through the average of its tokens alone (no rotary positions, no per-token readouts), on the world's caption mix
+PRESETS["v3"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v3"}, "text": {
+    "encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
+    "steps": 3000, "batch_size": 64, "lr": 2e-3}}
+
+# the one before it (v2): v3 with 4 heads of width 64, one RoPE position per token, objects placed anywhere, no
+# shape-label loss
+PRESETS["v2"] = {**PRESETS["v3"], "train": {
+    **{k: v for k, v in PRESETS["v3"]["train"].items() if k != "label_loss"}, "name": "v2",
     "model": {"preset": "default"}, "data": {"kind": "shapes", "seed": 0}}}
 
 
