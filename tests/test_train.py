@@ -352,9 +352,10 @@ def test_the_shipped_builtin_model_is_the_default_recipe_within_the_size_and_tim
     from chromaflow.formats.layouts import infer_params
     from chromaflow.pipeline.training import recipe
     spec = recipe("default")
+    cfg = TrainConfig.from_dict(spec["train"])
     card = (BUILTIN_DIR / "README.md").read_text()
     assert "Trained by `chromaflow train --preset default`" in card
-    assert f"- steps: {TrainConfig.from_dict(spec['train']).total_steps} " in card
+    assert f"- steps: {cfg.total_steps} " in card
     hours = float(re.search(r"training wall time: ([\d.]+) h in all", card).group(1))
     assert hours <= 6.0  # issue 3: the whole recipe within 6 hours of the 2-core machine
     assert sum(f.stat().st_size for f in BUILTIN_DIR.rglob("*") if f.is_file()) <= 30 * 2**20
@@ -363,7 +364,7 @@ def test_the_shipped_builtin_model_is_the_default_recipe_within_the_size_and_tim
     with safe_open(BUILTIN_DIR / "transformer.safetensors", "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         params = infer_params(shapes, f.metadata())
-    expected = transformer_params(TrainConfig.from_dict(spec["train"]))
+    expected = transformer_params(cfg)
     assert (params.hidden_size, params.depth, params.depth_single_blocks) == (
         expected.hidden_size, expected.depth, expected.depth_single_blocks)
     model = json.loads((BUILTIN_DIR / "model.json").read_text())
