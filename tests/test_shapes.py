@@ -41,6 +41,25 @@ def test_centre_jitter_moves_each_group_as_a_whole_to_near_the_centre():
         ShapesDataset(centre_jitter=0.7)
 
 
+def test_gap_keeps_objects_that_far_apart_and_the_same_objects_are_drawn():
+    def distance(a, b):  # between two bboxes: the larger of the axis gaps (negative when they overlap)
+        return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+    near, far = ShapesDataset(seed=4), ShapesDataset(seed=4, gap=0.12, centre_jitter=0.05)
+    least = []
+    for i in range(300):
+        (a, _), (b, _) = near.scene(i), far.scene(i)
+        assert [(o.shape, o.color, o.size) for o in a.objects] == [(o.shape, o.color, o.size) for o in b.objects]
+        least += [distance(p.bbox, q.bbox) for k, p in enumerate(b.objects) for q in b.objects[k + 1:]]
+        if b.relation:
+            assert relation_holds(b.relation, b.objects[0].centre, b.objects[1].centre, RELATION_RATIO)
+    assert min(least) >= 0.12 - 1e-9 and np.mean(np.array(least) < 0.15) > 0.1  # the bound is reached, not far off
+    assert min(distance(p.bbox, q.bbox) for scene in SCENES for k, p in enumerate(scene.objects)
+               for q in scene.objects[k + 1:]) < 0.12  # the default gap (GAP) lets them come closer
+    for bad in (0.3, -0.01, "wide"):
+        with pytest.raises(ValueError, match="gap"):
+            ShapesDataset(gap=bad)
+
+
 @pytest.mark.parametrize("size", [64, 128, 256])
 def test_interiors_have_exact_colours_and_background(size):
     for scene in SCENES[:40]:

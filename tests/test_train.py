@@ -176,6 +176,30 @@ def test_a_stage_sets_its_own_flow_loss_settings(vae_dir, tmp_path, monkeypatch)
         TrainConfig(stages=[{"steps": 1, "size": 32, "batch_size": 1, "loss": {"lr": 1.0}}]).stage_list
 
 
+def test_a_stage_sets_its_own_shapes_world_settings(vae_dir, tmp_path, monkeypatch):
+    from chromaflow.engine import train as engine
+    seen = []  # per batch: the stage's world settings
+    batch = engine.ShapesData.batch
+    monkeypatch.setattr(engine.ShapesData, "batch", lambda self, *key: seen.append(key[3:]) or batch(self, *key))
+    cfg = tiny_config(vae_dir)
+    far = {"gap": 0.12, "kind_weights": [0, 0, 0, 1]}
+    cfg.stages = [{"steps": 2, "size": 32, "batch_size": 2}, {"steps": 1, "size": 32, "batch_size": 2, "data": far}]
+    train(cfg, tmp_path / "run", progress=False)
+    assert seen == [(), (), (far,)]
+    data = engine.make_data(cfg)
+    counted = data.batch(7, 4, 32, far)[1]  # only count scenes: every caption names a count word
+    assert counted != data.batch(7, 4, 32)[1] and all(any(w in c.lower() for w in ("two", "three", "两", "三", "2",
+                                                      "3", "дв", "тр")) for c in counted), counted
+    cfg.stages[1]["data"] = {"gap": 0.5}
+    with pytest.raises(ValueError, match="gap"):
+        engine.make_data(cfg)  # refused before any step
+    with pytest.raises(ValueError, match="stage `data` keys \\['size'\\]"):
+        TrainConfig(stages=[{"steps": 1, "size": 32, "batch_size": 1, "data": {"size": 1}}]).stage_list
+    cfg.data, cfg.stages[1]["data"] = {"kind": "folder", "path": str(tmp_path)}, far
+    with pytest.raises(ValueError, match="shapes world"):
+        engine.make_data(cfg)
+
+
 def test_transformer_channels_must_match_the_vae_latent(tmp_path):
     four = tmp_path / "vae4"
     VAE(small_vae_config(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4)).save(four)

@@ -24,6 +24,7 @@ LANGUAGES = ("en", "zh", "ru")
 
 BORDER = 0.03        # free frame around the canvas edge
 GAP = 0.05           # minimum gap between two bboxes (keeps same-colour objects separable after blur)
+MAX_GAP = 0.15       # the widest a dataset may ask for: three large objects must still fit
 RELATION_RATIO = 1.5  # |offset along the named axis| >= ratio * |offset along the other axis|
 STAR_INNER = 0.4     # inner / outer radius of the 5-point star
 SUPERSAMPLE = 4
@@ -77,8 +78,9 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
 
 
 def place(rng: np.random.Generator, items, relation: str | None = None, background: str = "default",
-          kind: str | None = None) -> Scene:
-    """Lay out (shape, colour, size class) items without overlap, inside the canvas, satisfying `relation`."""
+          kind: str | None = None, gap: float = GAP) -> Scene:
+    """Lay out (shape, colour, size class) items without overlap, at least `gap` apart (bboxes), inside the canvas,
+    satisfying `relation`."""
     for _ in range(2000):
         boxes = []
         for shape, _color, size in items:
@@ -87,10 +89,10 @@ def place(rng: np.random.Generator, items, relation: str | None = None, backgrou
             for _try in range(25):
                 box = shape_box(shape, side, rng.uniform(BORDER + w / 2, 1 - BORDER - w / 2),
                                 rng.uniform(BORDER + h / 2, 1 - BORDER - h / 2))
-                ok = all(_separated(box, other) for other in boxes)
+                ok = all(_separated(box, other, gap) for other in boxes)
                 if ok and relation and len(boxes) == 1:
                     ok = relation_holds(relation, _centre(boxes[0]), _centre(box), RELATION_RATIO) and \
-                        _separated_along(relation, box, boxes[0])
+                        _separated_along(relation, box, boxes[0], gap)
                 if ok:
                     boxes.append(box)
                     break
@@ -119,15 +121,15 @@ def centre_group(scene: Scene, rng: np.random.Generator, jitter: float) -> Scene
     return scene
 
 
-def _separated_along(relation, a, b) -> bool:
+def _separated_along(relation, a, b, gap=GAP) -> bool:
     """The bboxes themselves are apart along the named axis, so the relation holds for every point of them."""
-    return (a[2] + GAP <= b[0] or b[2] + GAP <= a[0]) if relation in ("left of", "right of") \
-        else (a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
+    return (a[2] + gap <= b[0] or b[2] + gap <= a[0]) if relation in ("left of", "right of") \
+        else (a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def sample_scene(rng: np.random.Generator, kind: str | None = None, kind_weights=None) -> Scene:
+def sample_scene(rng: np.random.Generator, kind: str | None = None, kind_weights=None, gap: float = GAP) -> Scene:
     """A random scene; kind: single (1 object), two (2, no relation), relation (2 + relation), count (2-3 identical),
-    drawn with `kind_weights` over KINDS (None: KIND_WEIGHTS) unless given."""
+    drawn with `kind_weights` over KINDS (None: KIND_WEIGHTS) unless given; objects at least `gap` apart."""
     if kind is None:
         weights = _normalise(KIND_WEIGHTS if kind_weights is None else kind_weights, len(KINDS))
         kind = KINDS[int(rng.choice(len(KINDS), p=weights))]
@@ -143,7 +145,7 @@ def sample_scene(rng: np.random.Generator, kind: str | None = None, kind_weights
         items = [first, second]
     relation = _pick(rng, RELATIONS) if kind == "relation" else None
     background = "default" if rng.random() < 0.75 else _pick(rng, ("white", "black", "gray"))   # a named minority
-    return place(rng, items, relation, background, kind)
+    return place(rng, items, relation, background, kind, gap)
 
 
 # --- rendering --------------------------------------------------------------------------------------------------
@@ -543,11 +545,15 @@ class ShapesDataset:
 
     def __init__(self, seed: int = 0, size: int = 256, languages=LANGUAGES, language_weights=None,
                  kind_weights=None, as_tensor: bool = False, length: int = 2 ** 31 - 1,
-                 centre_jitter: float | None = None):
-        """`centre_jitter`: None places objects uniformly; a number centres each scene's group (`centre_group`)."""
+                 centre_jitter: float | None = None, gap: float = GAP):
+        """`centre_jitter`: None places objects uniformly; a number centres each scene's group (`centre_group`).
+        `gap`: the least distance between two objects' bboxes (canvas units)."""
         if centre_jitter is not None and not 0 <= centre_jitter <= 0.5:
             raise ValueError(f"centre_jitter must be between 0 and 0.5 (canvas units), got {centre_jitter!r}")
+        if not isinstance(gap, (int, float)) or not 0 <= gap <= MAX_GAP:
+            raise ValueError(f"gap must be between 0 and {MAX_GAP} (canvas units), got {gap!r}")
         self.seed, self.size, self.languages, self.centre_jitter = seed, size, tuple(languages), centre_jitter
+        self.gap = float(gap)
         self.as_tensor, self.length = as_tensor, length
         self.language_weights = _normalise(language_weights, len(self.languages))
         self.kind_weights = _normalise(KIND_WEIGHTS if kind_weights is None else kind_weights, len(KINDS))
@@ -557,7 +563,7 @@ class ShapesDataset:
 
     def scene(self, index: int) -> tuple[Scene, np.random.Generator]:
         rng = np.random.default_rng([self.seed, index])     # training seeds: 2-word entropy; the benchmark uses 4+
-        scene = sample_scene(rng, kind_weights=self.kind_weights)
+        scene = sample_scene(rng, kind_weights=self.kind_weights, gap=self.gap)
         return (scene if self.centre_jitter is None else centre_group(scene, rng, self.centre_jitter)), rng
 
     def __getitem__(self, index: int):

@@ -34,7 +34,7 @@ from ..models.quant import is_quantized
 from ..models.text import ByteTextEncoder, ByteTextEncoderConfig, chroma_mask, load_text_encoder
 from ..models.transformer import MMDiT, MMDiTParams, build, image_ids, init_adaln_zero, preset
 from ..models.vae import VAE, pack
-from .shapes import SHAPES, ShapesDataset
+from .shapes import GAP, SHAPES, ShapesDataset
 from . import flow
 from .report import loss_curve
 
@@ -42,23 +42,27 @@ from .report import loss_curve
 # the TrainConfig fields that shape the flow loss, which a stage may set for its own steps
 STAGE_LOSS_FIELDS = ("timesteps", "logit_mean", "logit_std", "mode_scale", "timestep_shift", "ot_pairing",
                      "caption_dropout", "contrastive_weight")
+# the shapes world's settings a stage may set for its own steps (a curriculum over scene layouts and kinds)
+STAGE_DATA_FIELDS = ("gap", "kind_weights")
 
 
 @dataclass
 class Stage:
     """`steps` steps at square `size` px with `batch_size` per process and micro-batch. A list of sizes (and batch
     sizes) cycles step by step, so a stage can mix resolutions: [128, 128, 128, 256] is 3:1. `loss` replaces
-    flow-loss settings of the config for this stage's steps, e.g. {"timestep_shift": 3.0, "ot_pairing": false}."""
+    flow-loss settings of the config for this stage's steps, e.g. {"timestep_shift": 3.0, "ot_pairing": false};
+    `data` replaces settings of the shapes world, e.g. {"gap": 0.12} (objects further apart)."""
     steps: int
     size: int | list
     batch_size: int | list
     loss: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = sorted(set(self.loss) - set(STAGE_LOSS_FIELDS))
-        if unknown:
-            raise ValueError(f"stage `loss` keys {unknown} are not flow-loss settings; valid: "
-                             f"{', '.join(STAGE_LOSS_FIELDS)}")
+        for key, valid, what in (("loss", STAGE_LOSS_FIELDS, "flow-loss"), ("data", STAGE_DATA_FIELDS, "shapes-world")):
+            unknown = sorted(set(getattr(self, key)) - set(valid))
+            if unknown:
+                raise ValueError(f"stage `{key}` keys {unknown} are not {what} settings; valid: {', '.join(valid)}")
         sizes = self.size if isinstance(self.size, list) else [self.size]
         batches = self.batch_size if isinstance(self.batch_size, list) else [self.batch_size]
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -379,7 +383,12 @@ def make_data(cfg: TrainConfig, vae: VAE | None = None):
     (latents, captions) already encoded when it `returns_latents` (a latent cache, which needs the VAE)."""
     kind = cfg.data.get("kind", "shapes")
     if kind == "shapes":
-        return ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"}, labels=bool(cfg.label_loss))
+        data = ShapesData(**{k: v for k, v in cfg.data.items() if k != "kind"}, labels=bool(cfg.label_loss))
+        for stage in cfg.stage_list:  # a bad stage setting fails now, not hours into the run
+            ShapesDataset(**{**data.settings, **stage.data})
+        return data
+    if any(stage.data for stage in cfg.stage_list):
+        raise ValueError(f"stage `data` settings are for the shapes world; this run's data is {kind!r}")
     from .data import make_dataset  # image folders, JSONL manifests, buckets, latent caches
     return make_dataset(cfg.data, vae=vae)
 
@@ -409,22 +418,25 @@ class ShapesData:
     """Batches of the shapes world: (images, captions), and each image's shape_labels map with `labels`."""
 
     def __init__(self, seed: int = 0, languages=("en", "zh", "ru"), language_weights=None, kind_weights=None,
-                 centre_jitter: float | None = None, labels: bool = False):
-        self.world = ShapesDataset(seed=seed, languages=languages, language_weights=language_weights,
-                                   kind_weights=kind_weights, as_tensor=True, centre_jitter=centre_jitter)
+                 centre_jitter: float | None = None, gap: float = GAP, labels: bool = False):
+        self.settings = dict(seed=seed, languages=languages, language_weights=language_weights,
+                             kind_weights=kind_weights, as_tensor=True, centre_jitter=centre_jitter, gap=gap)
+        self.world = ShapesDataset(**self.settings)
         self.labels = labels
 
-    def batch(self, number: int, batch_size: int, size: int) -> tuple:
+    def batch(self, number: int, batch_size: int, size: int, stage_settings: dict | None = None) -> tuple:
+        """Batch `number`; `stage_settings` (a stage's `data`) replace the world's settings for it."""
         if batch_size > 4096:
             raise ValueError(f"batch_size {batch_size} is over 4096 per process")
-        self.world.size = size
+        world = ShapesDataset(**{**self.settings, **stage_settings}) if stage_settings else self.world
+        world.size = size
         # batch `number` owns the item range [number * 4096, ...): unique even when batch sizes vary by step
         indices = range(number * 4096, number * 4096 + batch_size)
-        items = [self.world[i] for i in indices]
+        items = [world[i] for i in indices]
         images, captions = torch.stack([img for img, _ in items]), [cap for _, cap in items]
         if not self.labels:
             return images, captions
-        return images, captions, torch.from_numpy(np.stack([self.world.labels(i) for i in indices]))
+        return images, captions, torch.from_numpy(np.stack([world.labels(i) for i in indices]))
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
@@ -560,7 +572,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         metrics = open(out_dir / "metrics.jsonl", "a") if main else None
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
         # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
-        plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)))
+        plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)),
+                 *([cfg.stage_at(s)[0].data] if cfg.stage_at(s)[0].data else []))
                 for s in range(step, end) for micro in range(cfg.grad_accum)]
         workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
         batches = batch_stream(data, plan, workers)
