@@ -374,12 +374,12 @@ def test_the_shipped_builtin_model_is_the_default_recipe_within_the_size_and_tim
     from chromaflow import BUILTIN_DIR
     from chromaflow.engine.train import transformer_params
     from chromaflow.formats.layouts import infer_params
-    from chromaflow.pipeline.training import recipe
+    from chromaflow.pipeline.training import _stage_text, recipe
     spec = recipe("default")
     cfg = TrainConfig.from_dict(spec["train"])
     card = (BUILTIN_DIR / "README.md").read_text()
     assert "Trained by `chromaflow train --preset default`" in card
-    assert f"- steps: {cfg.total_steps} " in card
+    assert f"- steps: {cfg.total_steps} ({', '.join(_stage_text(s) for s in cfg.stage_list)})" in card
     hours = float(re.search(r"training wall time: ([\d.]+) h in all", card).group(1))
     assert hours <= 6.0  # issue 3: the whole recipe within 6 hours of the 2-core machine
     assert sum(f.stat().st_size for f in BUILTIN_DIR.rglob("*") if f.is_file()) <= 30 * 2**20

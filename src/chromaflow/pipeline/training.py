@@ -53,8 +53,13 @@ PRESETS: dict[str, dict] = {
             # mostly 128 px early (4x cheaper per sample), every 4th step at 256; then 256 only, with timesteps
             # shifted to high noise, where a caption decides what is drawn (150-step A/B from step 3557, 32 single-
             # object prompts: colour 66 -> 84%, shape 22 -> 44% against the same steps unshifted)
+            # then, from step 4142 (where the run that made this model resumed from a committed checkpoint), objects
+            # at least 0.12 of the canvas apart (about two 16 px tokens at 256 px, against the world's 0.05: the
+            # model merged neighbours, the commonest counting failure) and more count and relation scenes
             "stages": [{"steps": 4000, "size": [128, 128, 128, 256], "batch_size": [64, 64, 64, 32]},
-                       {"steps": 1500, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}}],
+                       {"steps": 142, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}},
+                       {"steps": 1358, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0},
+                        "data": {"gap": 0.12, "kind_weights": [0.25, 0.15, 0.3, 0.3]}}],
             "lr": 5e-4, "warmup_steps": 200, "ema_decay": 0.999, "caption_dropout": 0.1,
             "timesteps": "chroma", "checkpoint_every": 250, "sample_every": 500,
             # cfg 6 against 4, on the v3 model, n=50: single-object all-correct 60 -> 63%, overall 26 -> 28%
@@ -87,20 +92,16 @@ PRESETS["quick"] = {**PRESETS["default"], "eval": {"n_per_category": 20}, "train
                {"steps": 250, "size": 256, "batch_size": 32}]}}
 
 # the shipped model's run used this name before its recipe became the default
-PRESETS["v4"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v4"}}
+PRESETS["v5"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v5"}}
 
-# v4 until its step 4142 (a committed checkpoint), then objects further apart (bbox gap 0.12 of the canvas, about
-# two 16 px tokens at 256 px, against 0.05: the model merged neighbours, the commonest counting failure) and more
-# count and relation scenes
-PRESETS["v5"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v5", "stages": [
+# the model before it (v4): the same until step 4142, then the world's own gap and scene mix to the end
+PRESETS["v4"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v4", "stages": [
     PRESETS["default"]["train"]["stages"][0],
-    {"steps": 142, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}},
-    {"steps": 1358, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0},
-     "data": {"gap": 0.12, "kind_weights": [0.25, 0.15, 0.3, 0.3]}}]}}
+    {"steps": 1500, "size": 256, "batch_size": 32, "loss": {"timestep_shift": 3.0}}]}}
 
-# the built-in model before the current one (v3): its text encoder has learned absolute positions only and is read
+# the built-in model before v4 (v3): its text encoder has learned absolute positions only and is read
 # through the average of its tokens alone (no rotary positions, no per-token readouts), on the world's caption mix
-PRESETS["v3"] = {**PRESETS["default"], "train": {**PRESETS["default"]["train"], "name": "v3"}, "text": {
+PRESETS["v3"] = {**PRESETS["default"], "train": {**PRESETS["v4"]["train"], "name": "v3"}, "text": {
     "encoder": {"width": 256, "depth": 3, "heads": 4, "max_length": 160, "pool": 4},
     "steps": 3000, "batch_size": 64, "lr": 2e-3}}
 
