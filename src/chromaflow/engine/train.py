@@ -59,7 +59,8 @@ class Stage:
     data: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for key, valid, what in (("loss", STAGE_LOSS_FIELDS, "flow-loss"), ("data", STAGE_DATA_FIELDS, "shapes-world")):
+        for key, valid, what in (("loss", STAGE_LOSS_FIELDS, "flow-loss"),
+                                 ("data", STAGE_DATA_FIELDS, "shapes-world")):
             unknown = sorted(set(getattr(self, key)) - set(valid))
             if unknown:
                 raise ValueError(f"stage `{key}` keys {unknown} are not {what} settings; valid: {', '.join(valid)}")
@@ -572,8 +573,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         metrics = open(out_dir / "metrics.jsonl", "a") if main else None
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
         # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
+        # (a stage's shapes-world settings ride along as a fourth item)
         plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)),
-                 *([cfg.stage_at(s)[0].data] if cfg.stage_at(s)[0].data else []))
+                 *filter(None, [cfg.stage_at(s)[0].data]))
                 for s in range(step, end) for micro in range(cfg.grad_accum)]
         workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
         batches = batch_stream(data, plan, workers)
