@@ -423,13 +423,19 @@ class ShapesData:
         self.settings = dict(seed=seed, languages=languages, language_weights=language_weights,
                              kind_weights=kind_weights, as_tensor=True, centre_jitter=centre_jitter, gap=gap)
         self.world = ShapesDataset(**self.settings)
+        self.stage_worlds: dict[str, ShapesDataset] = {}  # one per stage's settings, built on first use
         self.labels = labels
 
     def batch(self, number: int, batch_size: int, size: int, stage_settings: dict | None = None) -> tuple:
         """Batch `number`; `stage_settings` (a stage's `data`) replace the world's settings for it."""
         if batch_size > 4096:
             raise ValueError(f"batch_size {batch_size} is over 4096 per process")
-        world = ShapesDataset(**{**self.settings, **stage_settings}) if stage_settings else self.world
+        world = self.world
+        if stage_settings:
+            key = json.dumps(stage_settings, sort_keys=True)
+            if key not in self.stage_worlds:
+                self.stage_worlds[key] = ShapesDataset(**{**self.settings, **stage_settings})
+            world = self.stage_worlds[key]
         world.size = size
         # batch `number` owns the item range [number * 4096, ...): unique even when batch sizes vary by step
         indices = range(number * 4096, number * 4096 + batch_size)
@@ -574,9 +580,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, progress: 
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
         # each micro-batch's place in the data: batch `number` is the same whatever the process count or resumption
         # (a stage's shapes-world settings ride along as a fourth item)
-        plan = [((s * cfg.grad_accum + micro) * world + rank, *reversed(cfg.shape_at(s)),
-                 *filter(None, [cfg.stage_at(s)[0].data]))
-                for s in range(step, end) for micro in range(cfg.grad_accum)]
+        plan = []
+        for s in range(step, end):
+            stage, number = cfg.stage_at(s)
+            size, batch_size = stage.at(number)
+            plan += [((s * cfg.grad_accum + micro) * world + rank, batch_size, size, *filter(None, [stage.data]))
+                     for micro in range(cfg.grad_accum)]
         workers = cfg.data_workers if cfg.data_workers >= 0 else (8 if device.type == "cuda" else 0)
         batches = batch_stream(data, plan, workers)
         bar = tqdm(total=cfg.total_steps, initial=step, disable=not (progress and main), desc=cfg.name, unit="step")
